@@ -1,0 +1,1 @@
+"""Triton varlen flash-attention kernels and their pure-PyTorch references (``speedasr.kernels``)."""

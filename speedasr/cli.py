@@ -1,0 +1,87 @@
+"""`speedasr` command line: one table of commands, each implemented by a module.
+
+A command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``. Modules are
+imported only when their command runs, so ``speedasr --help`` is instant and one command's heavy
+imports never slow another. Errors meant for the user (``UserError``) print as one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from speedasr.errors import UserError
+
+# (command words, implementing module, one-line help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("data", "synth"), "speedasr.data.corpus", "synthesize the embedded speech corpus (eSpeak NG)"),
+    (("data", "import"), "speedasr.data.importers", "import NeMo JSON-lines or TSV manifests"),
+    (("data", "validate"), "speedasr.data.manifests", "validate a cutset, write a rejects report"),
+    (("data", "export-shar"), "speedasr.data.shar", "export a cutset to lhotse Shar shards"),
+    (("tokenizer", "train"), "speedasr.data.tokenizer_cli", "train a sentencepiece tokenizer"),
+    (("bins",), "speedasr.data.bucketing", "estimate 2D (duration x tokens) bucket bins"),
+    (("model", "info"), "speedasr.models.sizing", "parameters and FLOPs of a model preset/config"),
+    (("plan",), "speedasr.models.planner", "compute-budget planner for model size and shape"),
+    (("train",), "speedasr.train.run", "train a model from a YAML config"),
+    (("calibrate",), "speedasr.train.calibrate", "calibrate per-bucket batch sizes"),
+    (("transcribe",), "speedasr.inference", "transcribe audio files with a checkpoint"),
+    (("eval",), "speedasr.evaluate", "WER and RTFx of a checkpoint on a cutset"),
+    (("bench", "padding"), "speedasr.bench.padding", "padding of batching strategies (metadata)"),
+    (("bench", "throughput"), "speedasr.bench.throughput", "training throughput: packed vs padded"),
+    (("bench", "rtfx"), "speedasr.bench.rtfx", "inference RTFx of encoder/decoder splits"),
+    (("bench", "kernels"), "speedasr.kernels.bench", "attention kernel TFLOP/s (GPU)"),
+    (("profile",), "speedasr.profile.report", "summary and plots from training logs"),
+]
+
+
+def _available() -> list[tuple[tuple[str, ...], str, str]]:
+    return [c for c in COMMANDS if importlib.util.find_spec(c[1]) is not None]
+
+
+def _usage() -> str:
+    lines = ["usage: speedasr COMMAND [ARGS...]", "", "commands:"]
+    for words, _, help_ in _available():
+        lines.append(f"  {' '.join(words):<22} {help_}")
+    lines += ["", "Run `speedasr COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from speedasr import __version__
+
+        print(__version__)
+        return 0
+    match = max(
+        (c for c in _available() if tuple(argv[: len(c[0])]) == c[0]),
+        key=lambda c: len(c[0]),
+        default=None,
+    )
+    if match is None:
+        print(f"speedasr: error: unknown command '{' '.join(argv[:2])}'\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    words, module_name, help_ = match
+    prog = "speedasr " + " ".join(words)
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=prog, description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[len(words) :])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Lhotse-style dataset: a CutSet chosen by the sampler -> one ``PackedBatch`` (or ``PaddedBatch``).
+
+Per cut: load audio, compute log-mel fbank on the fly (lhotse's extractor), normalize each utterance
+over its own frames, SpecAugment (training only, per utterance, so nothing crosses utterances), and
+tokenize ``prompt + text``. The batch descriptors (``Segments``) are built here, once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from lhotse import CutSet
+from lhotse.cut import Cut
+from lhotse.dataset import SpecAugment
+from lhotse.features import Fbank, FbankConfig
+
+from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.data.tokenizer import Tokenizer
+from speedasr.nn.segments import Segments
+
+log = logging.getLogger(__name__)
+
+NUM_MEL_BINS = 80
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class SpecAugmentConfig:
+    """SpecAugment applied per utterance during training (lhotse's implementation)."""
+
+    enabled: bool = True
+    """Turn SpecAugment on for training batches (never applied to validation/inference)."""
+    num_frame_masks: int = 2
+    """Time masks per utterance (scaled down for short utterances by lhotse's max fraction)."""
+    frames_mask_size: int = 40
+    """Maximum width of one time mask, in frames (10 ms each)."""
+    max_frames_mask_fraction: float = 0.15
+    """Time masks never cover more than this fraction of an utterance."""
+    num_feature_masks: int = 2
+    """Frequency masks per utterance."""
+    features_mask_size: int = 15
+    """Maximum width of one frequency mask, in mel bins."""
+    time_warp_factor: int = 0
+    """Time warping strength; 0 disables it (it costs more than it helps for tiny models)."""
+
+
+def decoder_sequences(tokenizer: Tokenizer, text: str, language: str) -> tuple[list[int], list[int]]:
+    """Decoder input and target ids of one utterance, ``L = prompt + text`` positions each.
+
+    inputs:  ``<sot> <lang> <task> <pnc> t1 ... tn``
+    targets: ``IGNORE ... IGNORE t1 ... tn <eot>`` (the first ``prompt - 1`` positions carry no loss)
+    """
+    prompt, text_ids = tokenizer.prompt(language), tokenizer.encode(text)
+    inputs = prompt + text_ids
+    targets = [IGNORE_INDEX] * (len(prompt) - 1) + text_ids + [tokenizer.eot_id]
+    return inputs, targets
+
+
+class AsrDataset(torch.utils.data.Dataset):
+    """Maps a sampled ``CutSet`` to a batch. Use with a lhotse sampler and ``batch_size=None``.
+
+    Args:
+        tokenizer: gives prompt and text ids.
+        layout: ``"packed"`` (default, zero padding) or ``"padded"``.
+        spec_augment: SpecAugment settings, or None for no augmentation (validation, inference).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        layout: Literal["packed", "padded"] = "packed",
+        spec_augment: SpecAugmentConfig | None = None,
+    ) -> None:
+        if layout not in ("packed", "padded"):
+            raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.extractor = Fbank(FbankConfig(num_mel_bins=NUM_MEL_BINS))
+        self.spec_augment = None
+        if spec_augment is not None and spec_augment.enabled:
+            self.spec_augment = SpecAugment(
+                time_warp_factor=spec_augment.time_warp_factor or None,
+                num_feature_masks=spec_augment.num_feature_masks,
+                features_mask_size=spec_augment.features_mask_size,
+                num_frame_masks=spec_augment.num_frame_masks,
+                frames_mask_size=spec_augment.frames_mask_size,
+                max_frames_mask_fraction=spec_augment.max_frames_mask_fraction,
+                p=1.0,
+            )
+
+    def __getitem__(self, cuts: CutSet) -> PackedBatch | PaddedBatch:
+        feats, tokens, targets, prompts, kept, skipped = [], [], [], [], [], []
+        for cut in cuts:
+            try:
+                x = self.features(cut)
+            except Exception as e:  # a broken file must not kill a long training run
+                log.warning("skipping cut %s: audio failed to load (%s)", cut.id, e)
+                skipped.append(cut.id)
+                continue
+            sup = cut.supervisions[0]
+            inp, tgt = decoder_sequences(self.tokenizer, sup.text, sup.language or "en")
+            feats.append(x)
+            tokens.append(torch.tensor(inp, dtype=torch.int64))
+            targets.append(torch.tensor(tgt, dtype=torch.int64))
+            prompts.append(tgt.count(IGNORE_INDEX) + 1)  # the last prompt position predicts t1
+            kept.append(cut)
+        feature_segments = Segments.from_lengths([x.shape[0] for x in feats])
+        token_segments = Segments.from_lengths([t.shape[0] for t in tokens])
+        batch = PackedBatch(
+            features=torch.cat(feats) if feats else torch.zeros(0, NUM_MEL_BINS),
+            feature_segments=feature_segments,
+            tokens=torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64),
+            targets=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64),
+            token_segments=token_segments,
+            prompt_lengths=tuple(prompts),
+            cut_ids=[c.id for c in kept],
+            durations=tuple(c.duration for c in kept),
+            texts=[c.supervisions[0].text for c in kept],
+            skipped_cut_ids=tuple(skipped),
+        )
+        if self.layout == "padded":
+            return batch.to_padded(self.tokenizer.pad_id)
+        return batch
+
+    def features(self, cut: Cut) -> torch.Tensor:
+        """``(T, 80)`` normalized (and, in training, augmented) log-mel frames of one cut."""
+        audio = cut.load_audio()
+        if cut.sampling_rate != SAMPLE_RATE:
+            raise ValueError(f"expected {SAMPLE_RATE} Hz audio, got {cut.sampling_rate} Hz")
+        if not np.isfinite(audio).all():
+            raise ValueError("audio has NaN/inf samples")
+        x = torch.from_numpy(self.extractor.extract(audio, SAMPLE_RATE))
+        # Per-utterance mean/variance normalization: statistics over this utterance's frames only.
+        x = (x - x.mean(0)) / (x.std(0, unbiased=False) + 1e-5)
+        if self.spec_augment is not None:
+            x = self.spec_augment(x[None])[0]
+        return x
