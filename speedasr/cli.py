@@ -1,6 +1,7 @@
 """`speedasr` command line: one table of commands, each implemented by a module.
 
-A command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``. Modules are
+A command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``, or
+``main(argv) -> int | None`` when it parses its own arguments (``train``: typed configs). Modules are
 imported only when their command runs, so ``speedasr --help`` is instant and one command's heavy
 imports never slow another. Errors meant for the user (``UserError``) print as one line, exit 2.
 """
@@ -70,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     words, module_name, help_ = match
     prog = "speedasr " + " ".join(words)
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=prog, description=help_)
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[len(words) :])
+    rest = argv[len(words) :]
     try:
-        return int(module.run(args) or 0)
+        if hasattr(module, "main"):
+            return int(module.main(rest) or 0)
+        parser = argparse.ArgumentParser(prog=prog, description=help_)
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args(rest)) or 0)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -120,6 +120,16 @@ class Tokenizer:
             raise UserError(f"tokenizer '{directory}' is corrupt: {e}") from None
         return cls(sp=sp, languages=languages, directory=directory)
 
+    def to_state(self) -> dict:
+        """Self-contained, pickle-free state (bytes + strings) to embed in checkpoints."""
+        return {"model": self.sp.serialized_model_proto(), "languages": list(self.languages)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Tokenizer:
+        sp = spm.SentencePieceProcessor()
+        sp.load_from_serialized_proto(state["model"])
+        return cls(sp=sp, languages=tuple(state["languages"]))
+
     # --- ids ----------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,65 @@
+"""Load a trained model from a checkpoint, safely: ``torch.load(weights_only=True)`` only.
+
+A speedasr checkpoint is a Lightning checkpoint whose hyperparameters are plain dicts and whose
+tokenizer is embedded as bytes, so loading it never unpickles arbitrary objects (a checkpoint from
+someone else cannot run code) and needs no other file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from speedasr.data.tokenizer import Tokenizer
+from speedasr.errors import UserError
+from speedasr.models.aed import AEDModel, ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    model: AEDModel
+    tokenizer: Tokenizer
+    config: ModelConfig
+    step: int
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict; ``UserError`` for a missing file or one that is not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint '{path}' was refused: it holds objects that could run code when loaded "
+            f"({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    ckpt = read_checkpoint(path)
+    try:
+        hparams = ckpt["hyper_parameters"]
+        config = ModelConfig(**hparams["model"])
+        tokenizer = Tokenizer.from_state(ckpt["tokenizer"])
+        state = {
+            k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+        }
+    except (KeyError, TypeError) as e:
+        raise UserError(f"'{path}' is not a speedasr checkpoint (missing {e})") from None
+    model = AEDModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint '{path}' does not match its model config: "
+            f"missing {missing[:3]}..., unexpected {unexpected[:3]}..."
+        )
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, config, int(ckpt.get("global_step", 0)))

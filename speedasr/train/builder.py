@@ -1,0 +1,62 @@
+"""Assembles the Lightning pieces of a run from its config: logger, callbacks, resume path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+from speedasr.errors import UserError
+
+
+def build_logger(out_dir: Path) -> list[Logger]:
+    """CSV always (``out_dir/logs/version_N/metrics.csv``); TensorBoard too when installed."""
+    loggers: list[Logger] = [CSVLogger(str(out_dir), name="logs")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Callback]]:
+    """Checkpointing + the enabled profiling monitors. Returns (all callbacks, monitors)."""
+    from speedasr.train.callbacks import (
+        GPUUtilizationMonitor,
+        PaddingMonitor,
+        ThroughputMonitor,
+    )
+
+    has_val = bool(cfg.data.dev_cuts)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(out_dir / "checkpoints"),
+        filename="step{step}-wer{val/wer:.3f}" if has_val else "step{step}",
+        auto_insert_metric_name=False,
+        monitor="val/wer" if has_val else None,
+        mode="min",
+        save_top_k=1 if has_val else 0,
+        save_last=True,
+    )
+    monitors: list[pl.Callback] = []
+    if cfg.monitors.padding:
+        monitors.append(PaddingMonitor())
+    if cfg.monitors.gpu:
+        monitors.append(GPUUtilizationMonitor())
+    if cfg.monitors.throughput:
+        monitors.append(ThroughputMonitor())
+    return [checkpoint, LearningRateMonitor(logging_interval="step"), *monitors], monitors
+
+
+def resolve_resume(resume: str | None, out_dir: Path) -> str | None:
+    if resume is None:
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise UserError(f"resume checkpoint '{path}' does not exist")
+    return str(path)

@@ -1,0 +1,132 @@
+"""Thin LightningModule around ``AEDModel``: loss, validation WER, optimizer and schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+
+from speedasr.data.batch import PackedBatch, PaddedBatch
+from speedasr.data.tokenizer import Tokenizer
+from speedasr.inference import transcribe_batch
+from speedasr.metrics import word_error_rate
+from speedasr.models.aed import AEDModel, ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and a decay schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warmup)."""
+    weight_decay: float = 1e-3
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    warmup_steps: int = 500
+    """Linear warmup from 0 to ``lr``, in optimizer steps."""
+    schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    """Decay after warmup; cosine decays to ``min_lr_ratio * lr`` at the last step."""
+    min_lr_ratio: float = 0.05
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+
+
+class AsrModule(pl.LightningModule):
+    """Trains an ``AEDModel``; logs ``train/loss``, ``val/loss`` and ``val/wer``.
+
+    Hyperparameters are saved as plain dicts and the tokenizer as bytes, so a checkpoint is
+    self-contained and loads with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self, model: dict[str, Any], optim: dict[str, Any], tokenizer_state: dict[str, Any]
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer_state"])
+        self.model_cfg = ModelConfig(**model)
+        self.optim_cfg = OptimConfig(**optim)
+        self.tokenizer = Tokenizer.from_state(tokenizer_state)
+        self.model = AEDModel(self.model_cfg)
+        self._val_hyps: list[str] = []
+        self._val_refs: list[str] = []
+
+    @classmethod
+    def build(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> AsrModule:
+        return cls(asdict(model), asdict(optim), tokenizer.to_state())
+
+    # --- checkpoint: keep the tokenizer inside ---------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokenizer"] = self.tokenizer.to_state()
+
+    # --- steps ------------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if isinstance(batch, (PackedBatch, PaddedBatch)):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def training_step(self, batch: PackedBatch | PaddedBatch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        n = batch.batch_size
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        self.log("train/ce_loss", out.ce_loss, batch_size=n)
+        if out.ctc_loss is not None:
+            self.log("train/ctc_loss", out.ctc_loss, batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return out.loss
+
+    def validation_step(self, batch: PackedBatch | PaddedBatch, batch_idx: int) -> None:
+        out = self.model(batch)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
+        self._val_hyps += transcribe_batch(self.model, self.tokenizer, batch)
+        self._val_refs += batch.texts
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_refs:
+            wer = word_error_rate(self._val_refs, self._val_hyps)
+            self.log("val/wer", wer, prog_bar=True, sync_dist=True)
+        self._val_hyps, self._val_refs = [], []
+
+    # --- optimization -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=cfg.betas,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = lr_lambda(cfg, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Learning-rate multiplier per optimizer step (a picklable callable for LambdaLR)."""
+    return _Schedule(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    kind: str
+    warmup: int
+    total: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if self.warmup > 0 and step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "inverse_sqrt":
+            return math.sqrt(max(self.warmup, 1) / max(step, 1))
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
