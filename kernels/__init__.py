@@ -1,1 +1,1 @@
-"""Triton varlen flash-attention kernels and their pure-PyTorch references (``speedasr.kernels``)."""
+"""Triton varlen flash-attention kernels and pure-PyTorch references (``speedasr.kernels``)."""

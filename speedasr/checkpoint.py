@@ -40,7 +40,9 @@ def read_checkpoint(path: str | Path) -> dict:
             f"({first})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(
+            f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})"
+        ) from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -50,7 +52,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         config = ModelConfig(**hparams["model"])
         tokenizer = Tokenizer.from_state(ckpt["tokenizer"])
         state = {
-            k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+            k.removeprefix("model."): v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("model.")
         }
     except (KeyError, TypeError) as e:
         raise UserError(f"'{path}' is not a speedasr checkpoint (missing {e})") from None

@@ -1,35 +1,82 @@
-"""`speedasr eval --ckpt CKPT --cuts CUTS`: WER and RTFx, with a per-utterance results file."""
+"""`speedasr eval --ckpt CKPT --cuts CUTS`: WER and RTFx, with a per-utterance results file.
+
+RTFx = seconds of audio / wall seconds, measured twice: end to end (audio loading, features,
+encoder, decoding) and model only (encoder + decoding, what ``speedasr bench rtfx`` compares).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
+from speedasr.inference import add_decoding_arguments
 from speedasr.metrics import normalize_text, word_error_rate
+
+
+@dataclass
+class EvalResult:
+    ids: list[str]
+    refs: list[str]
+    hyps: list[str]
+    audio_seconds: float
+    wall_seconds: float
+    """Features + model, end to end."""
+    model_seconds: float
+    """Encoder + decoding only."""
+
+    def wer(self, lowercase: bool = True, strip_punctuation: bool = True) -> float:
+        return word_error_rate(self.refs, self.hyps, lowercase, strip_punctuation)
+
+
+def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
+             batch_size: int | None = None, device: str = "cpu",
+             progress: bool = False) -> EvalResult:  # fmt: skip
+    """Transcribe ``cuts`` (with reference texts) in order; the numbers ``speedasr eval`` prints."""
+    from tqdm import tqdm
+
+    from speedasr.inference import iterate_batches, transcribe_batch
+
+    result = EvalResult([], [], [], 0.0, 0.0, 0.0)
+    bar = tqdm(total=len(cuts), desc="eval", unit="utt", disable=not progress, file=sys.stderr)
+    start = time.perf_counter()
+    for batch in iterate_batches(cuts, tokenizer, batch_duration, device, batch_size):
+        t0 = time.perf_counter()
+        result.hyps += transcribe_batch(model, tokenizer, batch, options)
+        result.model_seconds += time.perf_counter() - t0
+        result.refs += batch.texts
+        result.ids += batch.cut_ids
+        result.audio_seconds += batch.audio_seconds
+        bar.update(batch.batch_size)
+    result.wall_seconds = time.perf_counter() - start
+    bar.close()
+    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt)")
     parser.add_argument("--cuts", required=True, help="lhotse cutset with reference transcripts")
-    parser.add_argument("--out", help="per-utterance results (JSONL: id, ref, hyp, errors)")
-    parser.add_argument("--batch-duration", type=float, default=200.0, help="seconds per batch")
+    parser.add_argument("--out", help="per-utterance results (JSONL: id, ref, hyp, wer)")
     parser.add_argument("--max-utterances", type=int, help="evaluate only the first N cuts")
     parser.add_argument("--keep-case", action="store_true", help="do not lowercase for WER")
     parser.add_argument("--keep-punctuation", action="store_true", help="keep punctuation for WER")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the summary (wer, rtfx, ...) to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_decoding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from speedasr.checkpoint import load_model
     from speedasr.data.manifests import load_cuts, validate_cuts
-    from speedasr.inference import iterate_batches, transcribe_batch
+    from speedasr.errors import UserError
+    from speedasr.inference import decoding_options
 
+    options = decoding_options(args)
+    if args.max_utterances is not None and args.max_utterances < 1:
+        raise UserError(f"--max-utterances must be >= 1, got {args.max_utterances}")
     loaded = load_model(args.ckpt, args.device)
     cuts = load_cuts(args.cuts)
     if args.max_utterances:
@@ -37,31 +84,39 @@ def run(args: argparse.Namespace) -> int:
     cuts, report = validate_cuts(cuts, check_audio="header")
     if report.rejected:
         print(f"data: {report.summary()}")
-    torch.set_num_threads(torch.get_num_threads())
-    refs, hyps, ids, audio_seconds = [], [], [], 0.0
-    start = time.perf_counter()
-    bar = tqdm(total=len(cuts), desc="eval", unit="utt")
-    for batch in iterate_batches(cuts, loaded.tokenizer, args.batch_duration, args.device):
-        hyps += transcribe_batch(loaded.model, loaded.tokenizer, batch)
-        refs += batch.texts
-        ids += batch.cut_ids
-        audio_seconds += batch.audio_seconds
-        bar.update(batch.batch_size)
-    bar.close()
-    wall = time.perf_counter() - start
-    opts = dict(lowercase=not args.keep_case, strip_punctuation=not args.keep_punctuation)
-    wer = word_error_rate(refs, hyps, **opts)
+    if len(cuts) == 0:
+        raise UserError(f"no usable cuts in '{args.cuts}'")
+    result = evaluate(
+        loaded.model, loaded.tokenizer, cuts, options, args.batch_duration, args.batch_size,
+        args.device, progress=not args.quiet,
+    )  # fmt: skip
+    norm = dict(lowercase=not args.keep_case, strip_punctuation=not args.keep_punctuation)
+    wer = result.wer(**norm)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            for cut_id, ref, hyp in zip(ids, refs, hyps):
-                row = {"id": cut_id, "ref": ref, "hyp": hyp, "wer": word_error_rate([ref], [hyp], **opts)}
+            for cut_id, ref, hyp in zip(result.ids, result.refs, result.hyps, strict=True):
+                row = {"id": cut_id, "ref": ref, "hyp": hyp,
+                       "wer": word_error_rate([ref], [hyp], **norm)}  # fmt: skip
                 f.write(json.dumps(row) + "\n")
+    rtfx = result.audio_seconds / max(result.wall_seconds, 1e-9)
+    model_rtfx = result.audio_seconds / max(result.model_seconds, 1e-9)
+    search = f"beam {options.beam_size}" if options.beam_size > 1 else "greedy"
     print(
-        f"WER {100 * wer:.2f}% on {len(refs)} utterances ({audio_seconds / 60:.1f} min of audio); "
-        f"RTFx {audio_seconds / wall:.1f} (features + greedy decoding, {wall:.1f} s wall, "
-        f"device {args.device}, step {loaded.step})"
+        f"WER {100 * wer:.2f}% on {len(result.refs)} utterances "
+        f"({result.audio_seconds / 60:.1f} min of audio); RTFx {rtfx:.1f} end to end "
+        f"({result.wall_seconds:.1f} s wall), {model_rtfx:.1f} model only; {search}, "
+        f"device {args.device}, step {loaded.step}"
     )
-    for ref, hyp in list(zip(refs, hyps))[:3]:
-        print(f"  ref: {normalize_text(ref, **opts)}\n  hyp: {normalize_text(hyp, **opts)}")
+    if args.json:
+        summary = {
+            "wer": wer, "utterances": len(result.refs), "audio_seconds": result.audio_seconds,
+            "wall_seconds": result.wall_seconds, "model_seconds": result.model_seconds,
+            "rtfx": rtfx, "model_rtfx": model_rtfx, "beam_size": options.beam_size,
+            "step": loaded.step,
+        }  # fmt: skip
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    for ref, hyp in list(zip(result.refs, result.hyps))[:3]:
+        print(f"  ref: {normalize_text(ref, **norm)}\n  hyp: {normalize_text(hyp, **norm)}")
     return 0

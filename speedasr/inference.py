@@ -1,8 +1,15 @@
-"""Batched transcription: ``speedasr transcribe --ckpt CKPT AUDIO...``."""
+"""Batched transcription: ``speedasr transcribe --ckpt CKPT (AUDIO... | --cuts CUTS)``.
+
+Batches are packed (no padding in the encoder) and decoded with ``speedasr.decoding``; the same
+``transcribe_batch`` serves training-time validation, ``speedasr eval`` and this command, so a WER
+measured in any of them is the same number.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -13,7 +20,7 @@ from lhotse.dataset import DynamicCutSampler
 from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import SAMPLE_RATE, AsrDataset
 from speedasr.data.tokenizer import Tokenizer
-from speedasr.decoding import greedy_decode
+from speedasr.decoding import DecodingOptions, decode
 from speedasr.errors import UserError
 
 
@@ -23,35 +30,39 @@ def batch_prompts(batch: PackedBatch) -> list[list[int]]:
     return [seq[:p].tolist() for seq, p in zip(seqs, batch.prompt_lengths)]
 
 
-def default_max_tokens(duration: float) -> int:
-    """Decoding length guard: 10 tokens per second of audio (+8) is generous for BPE speech."""
-    return max(16, int(10 * duration) + 8)
-
-
 @torch.no_grad()
-def transcribe_batch(model, tokenizer: Tokenizer, batch: PackedBatch | PaddedBatch) -> list[str]:
-    """Greedy transcripts of one batch, in batch order."""
+def transcribe_batch(
+    model, tokenizer: Tokenizer, batch: PackedBatch | PaddedBatch,
+    options: DecodingOptions | None = None,
+) -> list[str]:  # fmt: skip
+    """Transcripts of one batch, in batch order (default options: greedy, KV cache, length guard
+    from each utterance's own duration, so a transcript never depends on its batch)."""
     if isinstance(batch, PaddedBatch):
         batch = batch.to_packed()
-    max_len = default_max_tokens(max(batch.durations, default=1.0))
-    ids = greedy_decode(
+    ids = decode(
         model, batch.features, batch.feature_segments, batch_prompts(batch),
-        eot_id=tokenizer.eot_id, max_len=max_len,
+        eot_id=tokenizer.eot_id, options=options or DecodingOptions(),
     )  # fmt: skip
     return [tokenizer.decode(seq) for seq in ids]
 
 
 def iterate_batches(
-    cuts: CutSet, tokenizer: Tokenizer, batch_duration: float, device: torch.device | str
-) -> Iterator[PackedBatch]:
+    cuts: CutSet, tokenizer: Tokenizer, batch_duration: float, device: torch.device | str,
+    max_cuts: int | None = None,
+) -> Iterator[PackedBatch]:  # fmt: skip
     """Packed, unaugmented batches of ``cuts`` in order (features computed in this process)."""
     dataset = AsrDataset(tokenizer, layout="packed")
-    for batch_cuts in DynamicCutSampler(cuts, max_duration=batch_duration, shuffle=False):
+    sampler = DynamicCutSampler(
+        cuts, max_duration=batch_duration, max_cuts=max_cuts, shuffle=False
+    )
+    for batch_cuts in sampler:
         yield dataset[batch_cuts].to(device)
 
 
-def cuts_from_audio(paths: Iterable[str]) -> CutSet:
+def cuts_from_audio(paths: Iterable[str], language: str = "en") -> CutSet:
     """One cut per audio file (resampled to 16 kHz on the fly). ``UserError`` if unreadable."""
+    from lhotse import SupervisionSegment
+
     cuts = []
     for p in paths:
         if not Path(p).is_file():
@@ -63,35 +74,89 @@ def cuts_from_audio(paths: Iterable[str]) -> CutSet:
         if rec.num_channels != 1:
             raise UserError(f"audio file '{p}' has {rec.num_channels} channels; expected mono")
         cut = rec.to_cut()
-        cuts.append(cut.resample(SAMPLE_RATE) if rec.sampling_rate != SAMPLE_RATE else cut)
+        cut = cut.resample(SAMPLE_RATE) if rec.sampling_rate != SAMPLE_RATE else cut
+        cut.supervisions = [
+            SupervisionSegment(cut.id, cut.recording_id, 0.0, cut.duration, text="",
+                               language=language)
+        ]  # fmt: skip
+        cuts.append(cut)
     return CutSet.from_cuts(cuts)
 
 
+# --- command-line pieces shared with `speedasr eval` -----------------------------------------------
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--beam-size", type=int, default=1, help="1 = greedy search (default)")
+    group.add_argument("--length-penalty", type=float, default=1.0,
+                       help="beam ranking: logprob / length**penalty (1 = per-token mean)")
+    group.add_argument("--max-len", type=int, default=None,
+                       help="most tokens per utterance (default: 8 + 10 per second of audio)")
+    group.add_argument("--no-cache", action="store_true",
+                       help="reference decoding without KV cache (slow; greedy only)")
+    group.add_argument("--batch-duration", type=float, default=200.0,
+                       help="seconds of audio per batch")
+    group.add_argument("--batch-size", type=int, default=None, help="most utterances per batch")
+    group.add_argument("--device", default="cpu")  # fmt: skip
+
+
+def decoding_options(args: argparse.Namespace) -> DecodingOptions:
+    """``DecodingOptions`` from ``add_decoding_arguments``; ``UserError`` on a bad combination."""
+    if args.batch_duration <= 0:
+        raise UserError(f"--batch-duration must be > 0, got {args.batch_duration}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        return DecodingOptions(
+            beam_size=args.beam_size, length_penalty=args.length_penalty, max_len=args.max_len,
+            use_cache=not args.no_cache,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UserError(f"decoding options: {e}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("audio", nargs="+", help="audio files (any format soundfile reads)")
+    parser.add_argument("audio", nargs="*", help="audio files (any format soundfile reads)")
+    parser.add_argument("--cuts", help="a lhotse cutset to transcribe instead of audio files")
     parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt)")
-    parser.add_argument("--language", default="en", help="prompt language token")
-    parser.add_argument("--batch-duration", type=float, default=200.0, help="seconds per batch")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--language", default="en", help="prompt language token (audio files)")
+    parser.add_argument("--out", help="also write JSON lines {id, source, text} to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_decoding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from speedasr.checkpoint import load_model
 
+    if bool(args.audio) == bool(args.cuts):
+        raise UserError("give either audio files or --cuts (not both, not neither)")
+    options = decoding_options(args)
     loaded = load_model(args.ckpt, args.device)
-    loaded.tokenizer.prompt(args.language)  # validates the language before any work
-    cuts = cuts_from_audio(args.audio)
-    cuts = cuts.map(lambda c: _with_language(c, args.language))
-    for batch in iterate_batches(cuts, loaded.tokenizer, args.batch_duration, args.device):
-        for cut_id, text in zip(batch.cut_ids, transcribe_batch(loaded.model, loaded.tokenizer, batch)):
-            print(f"{cuts[cut_id].recording.sources[0].source}\t{text}")
+    if args.cuts:
+        from speedasr.data.manifests import load_cuts
+
+        cuts = load_cuts(args.cuts)
+    else:
+        loaded.tokenizer.prompt(args.language)  # validates the language before any work
+        cuts = cuts_from_audio(args.audio, args.language)
+    out = open(args.out, "w") if args.out else None
+    bar = tqdm(total=len(cuts), desc="transcribe", unit="utt", disable=args.quiet, file=sys.stderr)
+    try:
+        batches = iterate_batches(
+            cuts, loaded.tokenizer, args.batch_duration, args.device, args.batch_size
+        )
+        for batch in batches:
+            texts = transcribe_batch(loaded.model, loaded.tokenizer, batch, options)
+            for cut_id, text in zip(batch.cut_ids, texts, strict=True):
+                cut = cuts[cut_id]
+                source = cut.recording.sources[0].source if args.audio else cut_id
+                bar.write(f"{source}\t{text}", file=sys.stdout)
+                if out:
+                    out.write(json.dumps({"id": cut_id, "source": source, "text": text}) + "\n")
+            bar.update(batch.batch_size)
+    finally:
+        bar.close()
+        if out:
+            out.close()
     return 0
-
-
-def _with_language(cut, language: str):
-    from lhotse import SupervisionSegment
-
-    cut.supervisions = [
-        SupervisionSegment(cut.id, cut.recording_id, 0.0, cut.duration, text="", language=language)
-    ]
-    return cut

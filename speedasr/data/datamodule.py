@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,7 @@ import torch
 from lhotse import CutSet
 from lhotse.dataset import DynamicCutSampler
 
+from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset, SpecAugmentConfig
 from speedasr.data.manifests import ValidationReport, load_cuts, validate_cuts
 from speedasr.data.sampling import SamplerConfig, build_sampler
@@ -107,7 +109,9 @@ class AsrDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if self.dev_cuts is None:
             return []
-        sampler = DynamicCutSampler(self.dev_cuts, max_duration=self.cfg.val_batch_duration)
+        with warnings.catch_warnings():  # the dev set is small and read eagerly on purpose
+            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+            sampler = DynamicCutSampler(self.dev_cuts, max_duration=self.cfg.val_batch_duration)
         return self._loader(AsrDataset(self.tokenizer, layout=self.cfg.layout), sampler)
 
     def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
@@ -118,6 +122,11 @@ class AsrDataModule(pl.LightningDataModule):
             num_workers=self.cfg.num_workers,
             persistent_workers=False,
         )
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if isinstance(batch, (PackedBatch, PaddedBatch)):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # Exact resume: Lightning stores this in the checkpoint's "datamodule" state.
     def state_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from speedasr.data.tokenizer import Tokenizer
 from speedasr.inference import transcribe_batch
 from speedasr.metrics import word_error_rate
 from speedasr.models.aed import AEDModel, ModelConfig
+from speedasr.models.sizing import count_flops
 
 
 @dataclass
@@ -62,10 +63,14 @@ class AsrModule(pl.LightningModule):
         checkpoint["tokenizer"] = self.tokenizer.to_state()
 
     # --- steps ------------------------------------------------------------------------------------
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        if isinstance(batch, (PackedBatch, PaddedBatch)):
-            return batch.to(device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    def flops_per_batch(self, batch: PackedBatch | PaddedBatch) -> float:
+        """Training FLOPs of the real content of a batch (used by ThroughputMonitor for MFU)."""
+        return float(
+            sum(
+                count_flops(self.model_cfg, t, n).training
+                for t, n in zip(batch.feature_segments.lengths, batch.token_segments.lengths)
+            )
+        )
 
     def training_step(self, batch: PackedBatch | PaddedBatch, batch_idx: int) -> torch.Tensor:
         out = self.model(batch)
@@ -106,7 +111,10 @@ class AsrModule(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = lr_lambda(cfg, total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

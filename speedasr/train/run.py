@@ -25,8 +25,10 @@ def parse_config(argv: list[str]):
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     parser.add_class_arguments(TrainConfig, fail_untyped=True)
     for i, a in enumerate(argv):  # a clearer message than jsonargparse's for the common case
-        path = a.split("=", 1)[1] if a.startswith("--config=") else (
-            argv[i + 1] if a == "--config" and i + 1 < len(argv) else None
+        path = (
+            a.split("=", 1)[1]
+            if a.startswith("--config=")
+            else (argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
         )
         if path is not None and not Path(path).is_file():
             raise UserError(f"config file '{path}' does not exist")

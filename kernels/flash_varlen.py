@@ -1,0 +1,409 @@
+"""Varlen flash-attention for packed sequences: public function, registered op, launchers.
+
+Layers, top to bottom (docs/kernels.md explains the algorithm and how to add a kernel):
+
+- ``flash_attn_varlen(...)``: the function ``packed_attention(backend="triton")`` calls;
+  fills in the default softmax scale and calls the registered op.
+- ``speedasr::flash_attn_varlen_fwd`` / ``speedasr::flash_attn_varlen_bwd``: ``torch.library``
+  custom ops. One autograd formula links them; fake implementations let ``torch.compile`` trace
+  through without running Triton.
+- ``_launch_fwd`` / ``_launch_bwd``: validate every input (clear ``ValueError`` before any launch),
+  build the tile schedule, allocate outputs, launch the kernels of ``flash_varlen_kernels``.
+
+Layout: ``q: (total_q, H, D)``, ``k, v: (total_k, H, D)`` in fp16, bf16 or fp32 (any token/head
+strides, unit stride on D); ``cu_seqlens_q/k: (B+1,)`` int32 on q's device; ``max_seqlen_q/k`` host
+ints. Causal masking is bottom-right aligned: query ``j`` of a sequence with ``Lq`` queries and
+``Lk`` keys sees keys ``<= j + Lk - Lq``; a query that sees no key outputs zeros and gets zero
+gradients. The saved log-sum-exp is ``(H, total_q)`` fp32, natural log, ``+inf`` for such queries.
+
+Tensors must be on CUDA, except under ``TRITON_INTERPRET=1`` (set before triton is imported), where
+the interpreter runs the same kernels on CPU tensors; that is how the tests run without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+from speedasr.kernels import flash_varlen_kernels as K
+from torch.utils.weak import WeakIdKeyDictionary
+from triton.runtime.jit import JITFunction
+
+__all__ = ["flash_attn_varlen", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd"]
+
+# `triton.jit` reads TRITON_INTERPRET when it decorates the kernels (at import), so ask the kernels
+# what they became rather than the variable, which may have changed since.
+_INTERPRET = not isinstance(K.fwd_kernel, JITFunction)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# One head is one tile of next_power_of_2(D) columns; past 256 the q/k/v/accumulator tiles no
+# longer fit in registers and shared memory at useful block sizes.
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Tile sizes for one (head dim, dtype). Starting points, not tuned on hardware (no GPU here).
+
+    The forward keeps one q tile, one k and one v tile and the fp32 accumulator live: 64x64 is the
+    usual sweet spot for D <= 128 in 16-bit. fp32 elements and D > 128 double the bytes per tile,
+    so the key step halves to stay within shared memory. The backward keeps two extra fp32
+    accumulators (dK and dV, or dQ) live, so its inner step is half the outer tile.
+    """
+
+    fwd_m: int  # query rows per forward program
+    fwd_n: int  # keys per forward inner step
+    bwd_kv: int  # keys per dK/dV program
+    bwd_q_step: int  # queries per dK/dV inner step
+    bwd_q: int  # query rows per dQ program
+    bwd_kv_step: int  # keys per dQ inner step
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
+    if head_dim > 128 or (dtype == torch.float32 and head_dim > 64):
+        return _Blocks(fwd_m=64, fwd_n=32, bwd_kv=32, bwd_q_step=32, bwd_q=32, bwd_kv_step=32)
+    return _Blocks(fwd_m=64, fwd_n=64, bwd_kv=64, bwd_q_step=32, bwd_q=64, bwd_kv_step=32)
+
+
+def _block_d(head_dim: int) -> int:
+    # tl.arange needs a power of two and tl.dot needs >= 16 along the reduction; the padding
+    # columns are masked to zero on load and never stored.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 callers asked for fp32 accuracy: "ieee" stops Triton from using TF32 (~1e-3 error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+# Offsets whose values were already checked, with the (version, total, max_seqlen) they were checked
+# for. A batch's cu_seqlens are built once and reused by every attention layer, so the host sync
+# that reading them costs is paid once per batch, not once per layer (and never for an unchanged
+# tensor). Weak keys: the cache never keeps a batch alive.
+_checked_offsets: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    check_values: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming the problem; ``check_values=False`` skips reading offsets."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"flash_attn_varlen: {name} must be (total, H, D), got {shape}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"flash_attn_varlen: dtype {q.dtype} unsupported; use {SUPPORTED_DTYPES}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attn_varlen: q, k, v dtypes differ: {q.dtype} {k.dtype} {v.dtype}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"flash_attn_varlen: k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    if not q.shape[1] == k.shape[1] == v.shape[1]:
+        raise ValueError(
+            f"flash_attn_varlen: head counts differ: q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}"
+        )
+    head_dim = q.shape[2]
+    if not head_dim == k.shape[2] == v.shape[2]:
+        raise ValueError(
+            f"flash_attn_varlen: head dims differ: q {head_dim}, k {k.shape[2]}, v {v.shape[2]}"
+        )
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"flash_attn_varlen: head dim {head_dim} not in [1, {MAX_HEAD_DIM}]")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(
+                f"flash_attn_varlen: {name} needs unit stride on the head dim, got strides "
+                f"{t.stride()}; pass {name}.contiguous()"
+            )
+    devices = {t.device for t in (q, k, v, cu_seqlens_q, cu_seqlens_k)}
+    if len(devices) != 1:
+        names = sorted(map(str, devices))
+        raise ValueError(f"flash_attn_varlen: inputs are on different devices: {names}")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"flash_attn_varlen: Triton kernels need CUDA tensors, got {q.device}; use "
+            "packed_attention(backend='torch') on CPU (or TRITON_INTERPRET=1 to debug the kernels)"
+        )
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(
+                f"flash_attn_varlen: {name} must be a 1-D int32 tensor of B+1 offsets, got "
+                f"{cu.dtype} of shape {tuple(cu.shape)}"
+            )
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"flash_attn_varlen: cu_seqlens_q has {cu_seqlens_q.numel() - 1} sequences but "
+            f"cu_seqlens_k has {cu_seqlens_k.numel() - 1}"
+        )
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)) or m < 0:
+            raise ValueError(f"flash_attn_varlen: {name} must be a host int >= 0, got {m!r}")
+    if check_values:
+        _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+
+
+def _check_offsets(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    try:
+        version = cu._version
+    except RuntimeError:  # inference-mode tensors have no version counter: check every time
+        version = None
+    if version is not None and _checked_offsets.get(cu) == (version, total, max_seqlen):
+        return
+    offsets = cu.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"flash_attn_varlen: {name} must start at 0, got {offsets[0]}")
+    if offsets[-1] != total:
+        raise ValueError(
+            f"flash_attn_varlen: {name} ends at {offsets[-1]}, but the tensor has {total} rows"
+        )
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"flash_attn_varlen: {name} must be non-decreasing, got {offsets}")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise ValueError(
+            f"flash_attn_varlen: a sequence in {name} has {longest} rows > max_seqlen {max_seqlen}"
+        )
+    if version is not None:
+        _checked_offsets[cu] = (version, total, max_seqlen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _tile_schedule(
+    cu: torch.Tensor, cu_other: torch.Tensor, block: int, num_programs: int, heavy_last: bool
+) -> torch.Tensor:
+    """``(2, num_programs)`` int32: the (sequence, tile) each program works on, ``-1`` if spare.
+
+    Built on the device from the offsets (no host sync). A long-tailed length mix then costs one
+    program per real tile plus at most ``B`` spare programs that exit at once, instead of
+    ``B * cdiv(max_seqlen, block)`` programs of which most would find no rows. Tiles are ordered
+    heaviest first (by the other side's length, which sets the inner loop's trip count), so the
+    long tiles start early and short ones fill the gaps at the end (longest-processing-time order).
+    With ``heavy_last`` the tiles of a sequence go last to first: a causal query tile sees more
+    keys the later it is.
+    """
+    lengths = (cu[1:] - cu[:-1]).long()
+    work = (cu_other[1:] - cu_other[:-1]).long()
+    num_seqs = lengths.numel()
+    order = torch.argsort(work, descending=True, stable=True)
+    tiles = torch.div(lengths + block - 1, block, rounding_mode="floor")[order]
+    ends = torch.cumsum(tiles, 0)
+    pid = torch.arange(num_programs, device=cu.device)
+    slot = torch.searchsorted(ends, pid, right=True)
+    spare = slot >= num_seqs
+    slot = slot.clamp(max=num_seqs - 1)
+    tile = pid - (ends[slot] - tiles[slot])
+    if heavy_last:
+        tile = tiles[slot] - 1 - tile
+    seq = torch.where(spare, -1, order[slot])
+    return torch.stack([seq, torch.where(spare, 0, tile)]).to(torch.int32).contiguous()
+
+
+def _num_programs(total: int, num_seqs: int, max_seqlen: int, block: int) -> int:
+    # Two upper bounds on sum(cdiv(len_i, block)); the smaller wastes fewer programs.
+    return min(triton.cdiv(total, block) + num_seqs, num_seqs * triton.cdiv(max_seqlen, block))
+
+
+def _launch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k)
+    total_q, heads, head_dim = q.shape
+    out = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    blocks = _blocks(head_dim, q.dtype)
+    num_seqs = cu_q.numel() - 1
+    n_prog = _num_programs(total_q, num_seqs, max_q, blocks.fwd_m)
+    if n_prog == 0 or heads == 0:
+        return out, lse
+    sched = _tile_schedule(cu_q, cu_k, blocks.fwd_m, n_prog, heavy_last=causal)
+    K.fwd_kernel[(n_prog, heads)](
+        q, k, v, out, lse, cu_q, cu_k, sched,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        total_q, n_prog, scale * _LOG2E,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+        BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _launch_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    # Offsets were checked by the forward; only the cheap metadata checks run again.
+    _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values=False)
+    if d_out.shape != out.shape or d_out.stride(-1) != 1:
+        raise ValueError(f"flash_attn_varlen: bad output gradient {tuple(d_out.shape)}")
+    total_q, heads, head_dim = q.shape
+    total_k = k.shape[0]
+    dq = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total_k, heads, head_dim), dtype=k.dtype, device=q.device)
+    dv = torch.empty((total_k, heads, head_dim), dtype=v.dtype, device=q.device)
+    if heads == 0:
+        return dq, dk, dv
+    blocks = _blocks(head_dim, q.dtype)
+    block_d = _block_d(head_dim)
+    precision = _dot_precision(q.dtype)
+    num_seqs = cu_q.numel() - 1
+    common = dict(
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )  # fmt: skip
+
+    delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    if total_q > 0:
+        K.bwd_preprocess_kernel[(triton.cdiv(total_q, blocks.bwd_q), heads)](
+            out, d_out, delta, out.stride(0), out.stride(1), d_out.stride(0), d_out.stride(1),
+            total_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.bwd_q,
+        )  # fmt: skip
+
+    n_prog = _num_programs(total_k, num_seqs, max_k, blocks.bwd_kv)
+    if n_prog > 0:
+        # Causal key tiles are heaviest first-to-last (early keys are seen by more queries).
+        sched = _tile_schedule(cu_k, cu_q, blocks.bwd_kv, n_prog, heavy_last=False)
+        K.bwd_dkdv_kernel[(n_prog, heads)](
+            q, k, v, d_out, lse, delta, dk, dv, cu_q, cu_k, sched,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            d_out.stride(0), d_out.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            total_q, n_prog, scale * _LOG2E, scale,
+            BLOCK_M=blocks.bwd_q_step, BLOCK_N=blocks.bwd_kv, **common,
+        )  # fmt: skip
+
+    n_prog = _num_programs(total_q, num_seqs, max_q, blocks.bwd_q)
+    if n_prog > 0:
+        sched = _tile_schedule(cu_q, cu_k, blocks.bwd_q, n_prog, heavy_last=causal)
+        K.bwd_dq_kernel[(n_prog, heads)](
+            q, k, v, d_out, lse, delta, dq, cu_q, cu_k, sched,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            d_out.stride(0), d_out.stride(1), dq.stride(0), dq.stride(1),
+            total_q, n_prog, scale * _LOG2E, scale,
+            BLOCK_M=blocks.bwd_q, BLOCK_N=blocks.bwd_kv_step, **common,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops and autograd
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("speedasr::flash_attn_varlen_fwd", mutates_args=())
+def flash_attn_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward op: ``(out (total_q, H, D) in q.dtype, lse (H, total_q) fp32 natural log)``."""
+    return _launch_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+    )
+
+
+@flash_attn_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, False)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("speedasr::flash_attn_varlen_bwd", mutates_args=())
+def flash_attn_varlen_bwd(
+    d_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward op: ``(dq, dk, dv)``, deterministic (no atomics)."""
+    return _launch_bwd(
+        d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+    )  # fmt: skip
+
+
+@flash_attn_varlen_bwd.register_fake
+def _(d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.static_args = (max_q, max_k, causal, scale)
+    ctx.mark_non_differentiable(lse)  # the log-sum-exp is a by-product saved for the backward
+
+
+def _backward(ctx, d_out, _d_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if d_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+        d_out = d_out.contiguous()
+    dq, dk, dv = flash_attn_varlen_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, *ctx.static_args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+flash_attn_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences with the Triton kernels; returns ``(total_q, H, D)``.
+
+    Args:
+        q: ``(total_q, H, D)``; k, v: ``(total_k, H, D)``; fp16, bf16 or fp32, CUDA.
+        cu_seqlens_q, cu_seqlens_k: ``(B+1,)`` int32 offsets on the same device, from 0 to total.
+        max_seqlen_q, max_seqlen_k: longest query/key sequence (host ints; upper bounds are fine).
+        causal: bottom-right aligned causal mask.
+        softmax_scale: defaults to ``1/sqrt(D)``.
+
+    Raises:
+        ValueError: on a bad shape, dtype, device, stride or offsets, before any kernel runs.
+    """
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, False)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, _ = flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+    )
+    return out

@@ -1,0 +1,137 @@
+"""The KV cache of incremental decoding, and the two decoder calls that use it.
+
+Per decoder block, the cache holds
+
+- self-attention keys/values ``(R, H, L, Dh)``: one row per hypothesis, ``L`` slots allocated once
+  for the longest prompt + output; each step writes one slot per row in place (no reallocation);
+- cross-attention keys/values ``(R, H, T', Dh)``: computed once from the packed encoder output
+  (padded to the longest utterance only here, for dense batched per-step attention), never again.
+
+Rows have different lengths (prompts differ, hypotheses stop at different steps): ``lengths (R,)``
+says how many slots of each row are real and a boolean mask hides the rest. Rotary positions of
+new tokens continue from each row's length, so cached decoding computes what the full (packed,
+teacher-forced) forward computes. ``select(rows)`` gathers rows: beam reordering, and dropping
+finished hypotheses so that later steps only compute active ones.
+
+This padding is inference-time bookkeeping over at most a few hundred slots; training stays packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from speedasr.nn.rotary import rotary_tables
+from speedasr.nn.segments import Segments
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every decoder block for ``R`` hypothesis rows (see the module docstring)."""
+
+    self_k: list[torch.Tensor]
+    """Per block ``(R, H, L, Dh)``: rotated self-attention keys, slot j = token position j."""
+    self_v: list[torch.Tensor]
+    """Per block ``(R, H, L, Dh)``: self-attention values."""
+    cross_k: list[torch.Tensor]
+    """Per block ``(R, H, T', Dh)``: cross-attention keys of the row's encoder frames."""
+    cross_v: list[torch.Tensor]
+    """Per block ``(R, H, T', Dh)``: cross-attention values."""
+    cross_mask: torch.Tensor
+    """``(R, 1, 1, T')`` bool, True at real encoder frames."""
+    lengths: torch.Tensor
+    """``(R,)`` int64: cached tokens per row (the next token goes to slot ``lengths[r]``)."""
+    used: int
+    """Host int >= ``max(lengths)``: slots any row may read (no device sync to know it)."""
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.self_k[0].shape[2] if self.self_k else 0
+
+    @classmethod
+    def allocate(
+        cls, decoder, memory: torch.Tensor, memory_segments: Segments, capacity: int
+    ) -> KVCache:
+        """An empty cache for ``decoder`` (``TransformerDecoder``) over packed encoder output
+        ``memory: (ΣT', D_enc)``, one row per utterance, ``capacity`` token slots per row."""
+        memory = decoder.project_memory(memory)
+        batch = memory_segments.batch_size
+        # Padded to >= 1 frame; padded k/v are zeroed and an utterance without frames attends to
+        # one such zero slot, so its cross-attention output is exactly 0 (as in the packed path).
+        frames = max(memory_segments.max_seqlen, 1)
+        padded = memory.new_zeros(batch, frames, memory.shape[-1])
+        padded[memory_segments.segment_ids, memory_segments.positions] = memory
+        lens = torch.tensor(memory_segments.lengths, device=memory.device)
+        real = torch.arange(frames, device=memory.device)[None] < lens[:, None]
+        keep = real[:, None, :, None].to(memory.dtype)
+        cross_mask = (real | (lens[:, None] == 0))[:, None, None, :]
+        self_k, self_v, cross_k, cross_v = [], [], [], []
+        for block in decoder.blocks:
+            k, v = block.cross_attn.memory_kv(padded)
+            cross_k.append(k * keep)
+            cross_v.append(v * keep)
+            heads, head_dim = block.self_attn.heads, block.self_attn.head_dim
+            self_k.append(memory.new_zeros(batch, heads, capacity, head_dim))
+            self_v.append(memory.new_zeros(batch, heads, capacity, head_dim))
+        lengths = torch.zeros(batch, dtype=torch.int64, device=memory.device)
+        return cls(self_k, self_v, cross_k, cross_v, cross_mask, lengths, 0)
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """The cache of ``rows`` (``(R',)`` indices into this cache's rows; repeats allowed)."""
+        pick = lambda ts: [t.index_select(0, rows) for t in ts]  # noqa: E731
+        return KVCache(
+            pick(self.self_k), pick(self.self_v), pick(self.cross_k), pick(self.cross_v),
+            self.cross_mask.index_select(0, rows), self.lengths.index_select(0, rows), self.used,
+        )  # fmt: skip
+
+
+def extend(decoder, cache: KVCache, tokens: torch.Tensor, counts: torch.Tensor | None = None):
+    """Feed ``tokens: (R, S)`` (right-padded when ``counts`` is given) to the decoder, appending
+    their keys/values to ``cache`` in place; return the final hidden states ``(R, S, D)``.
+
+    counts: ``(R,)`` real tokens per row (default: all ``S``). Slots of padding tokens are written
+    too but lie past ``lengths``, so they are masked and overwritten by the next step.
+    """
+    rows, new = tokens.shape
+    device = tokens.device
+    if cache.used + new > cache.capacity:
+        raise ValueError(f"KV cache full: {cache.used} + {new} slots > capacity {cache.capacity}")
+    positions = cache.lengths[:, None] + torch.arange(new, device=device)  # (R, S)
+    row_index = torch.arange(rows, device=device)[:, None].expand(rows, new)
+    used = cache.used + new
+    # New position s of row r sees slots j <= its own position (causal, bottom-right aligned).
+    self_mask = (torch.arange(used, device=device) <= positions[..., None])[:, None]
+    x = decoder.embed(tokens)
+    rotary = None
+    for i, block in enumerate(decoder.blocks):
+        if rotary is None:
+            rotary = rotary_tables(positions, block.self_attn.head_dim, block.self_attn.rope_base)
+            rotary = (rotary[0].to(x.dtype), rotary[1].to(x.dtype))
+        x = block.forward_cached(
+            x, rotary, (cache.self_k[i], cache.self_v[i]), (row_index, positions), self_mask,
+            (cache.cross_k[i], cache.cross_v[i]), cache.cross_mask,
+        )  # fmt: skip
+    cache.lengths = cache.lengths + (new if counts is None else counts)
+    cache.used = used
+    return decoder.norm(x)
+
+
+def prefill(decoder, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
+    """Run the prompts through an empty cache; return logits ``(R, V)`` at each last prompt token."""
+    device = cache.lengths.device
+    width = max(len(p) for p in prompts)
+    tokens = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts], device=device)
+    counts = torch.tensor([len(p) for p in prompts], device=device)
+    hidden = extend(decoder, cache, tokens, counts)
+    last = hidden[torch.arange(len(prompts), device=device), counts - 1]
+    return decoder.logits(last)
+
+
+def step(decoder, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Append one token per row ``tokens: (R,)``; return next-token logits ``(R, V)``."""
+    return decoder.logits(extend(decoder, cache, tokens[:, None])[:, 0])

@@ -1,0 +1,46 @@
+"""What to decode and how: one frozen options object, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TOKENS_PER_SECOND_GUARD = 10.0
+"""Default length guard: at most 10 tokens per second of audio (+ ``GUARD_SLACK``); BPE speech
+runs at 2-5 tokens/s, so only a looping hypothesis ever reaches it."""
+GUARD_SLACK = 8
+ENCODER_FRAME_SECONDS = 0.08
+"""Seconds per encoder frame (10 ms features, 8x subsampling): turns encoder lengths into audio
+seconds for the length guard without needing the durations."""
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How ``speedasr.decoding.decode`` searches. Invalid combinations raise ``ValueError``."""
+
+    beam_size: int = 1
+    """Hypotheses kept per utterance; 1 is greedy search (and beam search of size 1 equals it)."""
+    length_penalty: float = 1.0
+    """Beam search ranks finished hypotheses by ``logprob / length ** length_penalty`` (length in
+    tokens, end-of-text included): 1 is the mean log-probability per token, 0 the raw sum."""
+    max_len: int | None = None
+    """Most tokens emitted per utterance (end-of-text not counted). None: a per-utterance guard,
+    ``GUARD_SLACK + TOKENS_PER_SECOND_GUARD * audio seconds`` (from the encoder length, so it does
+    not depend on the rest of the batch)."""
+    use_cache: bool = True
+    """Incremental decoding with a KV cache; False re-runs the decoder over the whole prefix at
+    every step (the reference implementation, quadratic in output length; greedy only)."""
+    ignore_eot: bool = False
+    """Never stop at end-of-text: emit exactly the length limit (benchmarks of untrained weights
+    force the reference length this way, so every architecture emits the same number of tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if self.max_len is not None and self.max_len < 0:
+            raise ValueError(f"max_len must be >= 0, got {self.max_len}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if not self.use_cache and self.beam_size > 1:
+            raise ValueError(
+                "beam_size > 1 conflicts with use_cache=False: beam search needs the KV cache"
+            )

@@ -1,0 +1,267 @@
+"""Canary-style attention encoder-decoder: FastConformer encoder -> Transformer decoder.
+
+One set of weights, two layouts: ``PackedBatch`` (no padding anywhere, the default) and
+``PaddedBatch`` (dense ``(B, T, ...)`` tensors with masks: the classic computation, padding
+included). Both give the same loss and gradients (tested), and the same as each utterance alone.
+
+Loss: label-smoothed cross-entropy on the text tokens (prompt positions are ``IGNORE_INDEX``), mixed
+with an optional CTC loss on the encoder (``ctc_weight``; blank = pad id), both averaged per token:
+``loss = (1 - ctc_weight) * ce + ctc_weight * ctc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.nn.conformer import ConformerEncoder
+from speedasr.nn.decoder import TransformerDecoder
+from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
+from speedasr.nn.segments import Segments
+
+
+@dataclass
+class ModelConfig:
+    """Dimensions and training options of an ``AEDModel``.
+
+    The defaults are the ``tiny`` preset (~3.6M parameters with a 256-token vocabulary); other
+    presets and a parameter-budget planner live in ``speedasr.models.sizing``.
+    """
+
+    vocab_size: int = 256
+    """Tokenizer vocabulary, special tokens included (set from the tokenizer at training time)."""
+    pad_id: int = 0
+    """Tokenizer pad id: padded token positions in padded batches, and the CTC blank."""
+    n_mels: int = 80
+    """Input features per frame (log-mel bins)."""
+    subsampling_channels: int = 32
+    """Channels of the 8x convolutional subsampling (Canary: 256; 16-64 on CPU)."""
+    d_model: int = 144
+    """Encoder width."""
+    encoder_layers: int = 6
+    """Conformer blocks."""
+    encoder_heads: int = 4
+    """Encoder attention heads (``d_model / encoder_heads`` must be even: rotary)."""
+    conv_kernel: int = 9
+    """Depthwise convolution kernel of the conformer conv module (odd)."""
+    decoder_layers: int = 2
+    """Transformer decoder blocks."""
+    decoder_d_model: int | None = None
+    """Decoder width; None means ``d_model`` (a projection maps encoder outputs if they differ)."""
+    decoder_heads: int | None = None
+    """Decoder attention heads; None means ``encoder_heads``."""
+    ff_mult: int = 4
+    """Feed-forward inner size as a multiple of the width (encoder and decoder)."""
+    tie_embeddings: bool = True
+    """Share the decoder input embedding and output projection weights."""
+    rope_base: float = 10000.0
+    """Rotary embedding base (encoder and decoder self-attention)."""
+    dropout: float = 0.1
+    """Dropout on residual branches, feed-forward hidden units and embeddings."""
+    attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
+    """Packed attention backend (``speedasr.nn.attention``); padded batches use dense torch."""
+    ctc_weight: float = 0.3
+    """Weight of the auxiliary CTC loss on the encoder (0 disables it and its output layer)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the decoder cross-entropy."""
+
+    def __post_init__(self) -> None:
+        dec_d, dec_h = self.dec_d_model, self.dec_heads
+        checks = [
+            (self.vocab_size > 0, "vocab_size must be > 0"),
+            (0 <= self.pad_id < self.vocab_size, f"pad_id must be in [0, {self.vocab_size})"),
+            (self.d_model % self.encoder_heads == 0, "d_model must be divisible by encoder_heads"),
+            ((self.d_model // self.encoder_heads) % 2 == 0, "encoder head dim must be even"),
+            (dec_d % dec_h == 0, "decoder width must be divisible by decoder heads"),
+            ((dec_d // dec_h) % 2 == 0, "decoder head dim must be even (rotary)"),
+            (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
+            (self.encoder_layers >= 0 and self.decoder_layers >= 0, "layer counts must be >= 0"),
+            (0.0 <= self.ctc_weight <= 1.0, "ctc_weight must be in [0, 1]"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig: {message} (got {self})")
+
+    @property
+    def dec_d_model(self) -> int:
+        return self.decoder_d_model or self.d_model
+
+    @property
+    def dec_heads(self) -> int:
+        return self.decoder_heads or self.encoder_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        """A named preset (``speedasr.models.sizing.PRESETS``) with fields overridden."""
+        from speedasr.models.sizing import preset
+
+        return preset(name, **overrides)
+
+    @classmethod
+    def from_budget(cls, params: float, encoder_share: float = 0.85, **kwargs) -> ModelConfig:
+        """A config of about ``params`` parameters with ``encoder_share`` of them in the encoder."""
+        from speedasr.models.sizing import config_from_budget
+
+        return config_from_budget(params, encoder_share, **kwargs)
+
+
+@dataclass
+class AEDOutput:
+    """What one forward pass returns (losses are means per token, fp32 scalars)."""
+
+    loss: torch.Tensor
+    """Training objective: ``(1 - ctc_weight) * ce_loss + ctc_weight * ctc_loss``."""
+    ce_loss: torch.Tensor
+    """Label-smoothed cross-entropy per target token (text tokens + end-of-text)."""
+    ctc_loss: torch.Tensor | None
+    """CTC loss per text token on the encoder, or None when ``ctc_weight == 0``."""
+    num_target_tokens: int
+    """Tokens the cross-entropy averaged over (for token-weighted logging across batches)."""
+    num_encoder_frames: int
+    """Real encoder frames computed (padding excluded)."""
+
+
+class AEDModel(nn.Module):
+    """FastConformer encoder + Transformer decoder (+ CTC head). ``forward(batch) -> AEDOutput``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ConformerEncoder(
+            n_mels=cfg.n_mels, subsampling_channels=cfg.subsampling_channels, d_model=cfg.d_model,
+            layers=cfg.encoder_layers, heads=cfg.encoder_heads, d_ff=cfg.ff_mult * cfg.d_model,
+            kernel_size=cfg.conv_kernel, dropout=cfg.dropout, rope_base=cfg.rope_base,
+            attention_backend=cfg.attention_backend,
+        )  # fmt: skip
+        self.decoder = TransformerDecoder(
+            vocab_size=cfg.vocab_size, d_model=cfg.dec_d_model, layers=cfg.decoder_layers,
+            heads=cfg.dec_heads, d_ff=cfg.ff_mult * cfg.dec_d_model, dropout=cfg.dropout,
+            memory_dim=cfg.d_model, tie_embeddings=cfg.tie_embeddings, rope_base=cfg.rope_base,
+        )  # fmt: skip
+        self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else None
+
+    # --- encoder ----------------------------------------------------------------------------------
+    def encode(
+        self, features: torch.Tensor, feature_segments: Segments
+    ) -> tuple[torch.Tensor, Segments]:
+        """Packed: ``features (ΣT, n_mels)`` -> ``enc (ΣT', D)`` and its descriptor."""
+        enc, layout = self.encoder.forward_packed(features, feature_segments)
+        return enc, layout.segments
+
+    def encode_padded(
+        self, features: torch.Tensor, feature_segments: Segments
+    ) -> tuple[torch.Tensor, Segments]:
+        """Padded: ``features (B, T, n_mels)`` -> ``enc (B, T', D)`` (junk past each length)."""
+        enc, layout = self.encoder.forward_padded(features, feature_segments)
+        return enc, layout.segments
+
+    # --- decoder ----------------------------------------------------------------------------------
+    def decode_logits(
+        self,
+        tokens: torch.Tensor,
+        token_segments: Segments,
+        enc: torch.Tensor,
+        enc_segments: Segments,
+    ) -> torch.Tensor:
+        """Packed: ``tokens (ΣL,)`` attending to ``enc (ΣT', D)`` -> logits ``(ΣL, V)``."""
+        return self.decoder.logits(self._decoder_hidden(tokens, token_segments, enc, enc_segments))
+
+    def decode_logits_padded(
+        self,
+        tokens: torch.Tensor,
+        token_segments: Segments,
+        enc: torch.Tensor,
+        enc_segments: Segments,
+    ) -> torch.Tensor:
+        """Padded: ``tokens (B, L)`` attending to ``enc (B, T', D)`` -> logits ``(B, L, V)``."""
+        return self.decoder.logits(self._decoder_hidden(tokens, token_segments, enc, enc_segments))
+
+    def _layouts(
+        self,
+        tokens: torch.Tensor,
+        token_segments: Segments,
+        enc: torch.Tensor,
+        enc_segments: Segments,
+    ) -> tuple[Layout, Layout]:
+        if tokens.ndim == 1:
+            backend = self.cfg.attention_backend
+            return PackedLayout(token_segments, backend), PackedLayout(enc_segments, backend)
+        return (
+            PaddedLayout(token_segments, tokens.shape[1]),
+            PaddedLayout(enc_segments, enc.shape[1]),
+        )
+
+    def _decoder_hidden(self, tokens, token_segments, enc, enc_segments) -> torch.Tensor:
+        tok_layout, enc_layout = self._layouts(tokens, token_segments, enc, enc_segments)
+        return self.decoder.hidden(tokens, tok_layout, enc, enc_layout)
+
+    # --- training ---------------------------------------------------------------------------------
+    def forward(self, batch: PackedBatch | PaddedBatch) -> AEDOutput:
+        if isinstance(batch, PackedBatch):
+            enc, enc_segments = self.encode(batch.features, batch.feature_segments)
+            hidden = self._decoder_hidden(batch.tokens, batch.token_segments, enc, enc_segments)
+            # Only target positions are projected to the vocabulary (prompt rows carry no loss).
+            targets = batch.targets
+            keep = targets != IGNORE_INDEX
+            logits = self.decoder.logits(hidden[keep])
+            targets = targets[keep]
+            ctc_log_probs = enc_segments.pad(self._ctc_log_probs(enc)) if self.ctc_head else None
+            text = batch.tokens[batch.token_segments.positions >= _per_row(
+                batch.prompt_lengths, batch.token_segments)]  # fmt: skip
+        elif isinstance(batch, PaddedBatch):
+            enc, enc_segments = self.encode_padded(batch.features, batch.feature_segments)
+            hidden = self._decoder_hidden(batch.tokens, batch.token_segments, enc, enc_segments)
+            logits = self.decoder.logits(hidden).flatten(0, 1)  # padding included: the padded cost
+            targets = batch.targets.flatten()
+            ctc_log_probs = self._ctc_log_probs(enc) if self.ctc_head else None
+            ts = batch.token_segments
+            text = ts.unpad(batch.tokens)[ts.positions >= _per_row(batch.prompt_lengths, ts)]
+        else:
+            raise TypeError(f"expected PackedBatch or PaddedBatch, got {type(batch).__name__}")
+
+        num_targets = int((targets != IGNORE_INDEX).sum())
+        ce = F.cross_entropy(
+            _at_least_fp32(logits), targets, ignore_index=IGNORE_INDEX,
+            label_smoothing=self.cfg.label_smoothing, reduction="sum",
+        ) / max(num_targets, 1)  # fmt: skip
+        ctc = None
+        loss = ce
+        if ctc_log_probs is not None:
+            text_lengths = [
+                n - p
+                for n, p in zip(batch.token_segments.lengths, batch.prompt_lengths, strict=True)
+            ]
+            ctc = F.ctc_loss(
+                ctc_log_probs.transpose(0, 1), text, list(enc_segments.lengths), text_lengths,
+                blank=self.cfg.pad_id, reduction="sum", zero_infinity=True,
+            ) / max(sum(text_lengths), 1)  # fmt: skip
+            w = self.cfg.ctc_weight
+            loss = (1 - w) * ce + w * ctc
+        return AEDOutput(
+            loss=loss, ce_loss=ce, ctc_loss=ctc, num_target_tokens=num_targets,
+            num_encoder_frames=enc_segments.total,
+        )  # fmt: skip
+
+    def _ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` -> ``(..., V)`` float32 log-probabilities.
+
+        torch's CTC loss wants them padded ``(T', B, V)``: the packed path pads these (and only
+        these) after the projection."""
+        return F.log_softmax(_at_least_fp32(self.ctc_head(enc)), dim=-1)
+
+
+def _per_row(values: tuple[int, ...], segments: Segments) -> torch.Tensor:
+    """Broadcast one host int per sequence to its packed rows: ``(ΣL,)``."""
+    return torch.tensor(values, device=segments.positions.device)[segments.segment_ids]
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 under mixed precision; fp64 stays fp64 (tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

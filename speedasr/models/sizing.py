@@ -1,0 +1,345 @@
+"""Model sizes: presets, parameter and FLOP counts, and an encoder/decoder split planner.
+
+``speedasr model info [PRESET ...] [--budget 100M --encoder-share 0.85] [--set key=value ...]``
+prints parameters (encoder / decoder / total) and training FLOPs per second of audio.
+
+Counts are closed-form (no model is built) and tested equal to the instantiated ``AEDModel``
+(parameters) and to torch's FLOP counter (FLOPs). FLOPs count multiply-adds as 2 and include
+only matmuls and convolutions (norms and activations are noise at these sizes). Training FLOPs are
+3x the forward (backward = 2x forward). Attention terms depend on utterance length, so FLOPs "per
+second of audio" assume utterances of ``duration`` seconds with ``tokens_per_second`` text tokens;
+the per-position terms do not depend on that assumption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+from speedasr.data.padding import encoder_length, num_input_frames
+from speedasr.errors import UserError
+from speedasr.models.aed import ModelConfig
+
+PROMPT_TOKENS = 4
+"""Canary-style prompt: <sot> <lang> <task> <pnc>."""
+
+_CANARY = dict(
+    n_mels=128, subsampling_channels=256, conv_kernel=9, ff_mult=4, tie_embeddings=False,
+    ctc_weight=0.0, dropout=0.1,
+)  # fmt: skip
+PRESETS: dict[str, ModelConfig] = {
+    # CPU presets (256-token vocabulary of the embedded tiny recipe).
+    "tiny": ModelConfig(),
+    "small": ModelConfig(
+        d_model=256, encoder_layers=12, encoder_heads=4, decoder_layers=4, subsampling_channels=64
+    ),
+    # Published Canary shapes (NeMo model cards): 128 mel bins, 256 subsampling channels, 8 heads.
+    "canary-1b": ModelConfig(
+        vocab_size=4128,
+        d_model=1024,
+        encoder_layers=24,
+        encoder_heads=8,
+        decoder_layers=24,
+        **_CANARY,
+    ),  # fmt: skip
+    "canary-1b-flash": ModelConfig(
+        vocab_size=5248,
+        d_model=1024,
+        encoder_layers=32,
+        encoder_heads=8,
+        decoder_layers=4,
+        **_CANARY,
+    ),  # fmt: skip
+    "canary-180m-flash": ModelConfig(
+        vocab_size=5248,
+        d_model=512,
+        encoder_layers=17,
+        encoder_heads=8,
+        decoder_layers=4,
+        decoder_d_model=1024,
+        decoder_heads=8,
+        **_CANARY,
+    ),  # fmt: skip
+}
+PUBLISHED_PARAMS: dict[str, float] = {
+    "canary-1b": 1.0e9,  # model card: "1 billion parameters" (a rounded figure)
+    "canary-1b-flash": 883e6,  # model card: "883M parameters"
+    "canary-180m-flash": 182e6,  # model card: "182M parameters"
+}
+
+# Width ladder of the budget planner: (d_model, heads); head dims 36-128, all even (rotary).
+_WIDTHS = ((144, 4), (176, 4), (256, 4), (384, 6), (512, 8), (640, 8), (768, 12), (1024, 8),
+           (1280, 10), (1536, 12))  # fmt: skip
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# --- parameters -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of an ``AEDModel``, by part."""
+
+    encoder: int
+    decoder: int
+    ctc_head: int
+
+    @property
+    def total(self) -> int:
+        return self.encoder + self.decoder + self.ctc_head
+
+
+def _linear(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+def subsampling_params(cfg: ModelConfig) -> int:
+    c, freq = cfg.subsampling_channels, cfg.n_mels
+    for _ in range(3):
+        freq = (freq + 1) // 2
+    return (9 * c + c) + 2 * ((9 * c + c) + _linear(c, c)) + _linear(c * freq, cfg.d_model)
+
+
+def encoder_layer_params(cfg: ModelConfig) -> int:
+    d, ff, k = cfg.d_model, cfg.ff_mult * cfg.d_model, cfg.conv_kernel
+    feed_forward = 2 * d + _linear(d, ff) + _linear(ff, d)
+    attention = 2 * d + _linear(d, 3 * d) + _linear(d, d)
+    conv = 2 * d + _linear(d, 2 * d) + (k * d + d) + 2 * d + _linear(d, d)
+    return 2 * feed_forward + attention + conv + 2 * d
+
+
+def decoder_layer_params(cfg: ModelConfig) -> int:
+    d, ff = cfg.dec_d_model, cfg.ff_mult * cfg.dec_d_model
+    self_attn = 2 * d + _linear(d, 3 * d) + _linear(d, d)
+    cross_attn = 2 * d + _linear(d, d) + _linear(d, 2 * d) + _linear(d, d)
+    return self_attn + cross_attn + 2 * d + _linear(d, ff) + _linear(ff, d)
+
+
+def decoder_fixed_params(cfg: ModelConfig) -> int:
+    """Embedding, encoder->decoder projection, final norm and output layer."""
+    d, v = cfg.dec_d_model, cfg.vocab_size
+    memory_proj = _linear(cfg.d_model, d) if d != cfg.d_model else 0
+    output = v if cfg.tie_embeddings else _linear(d, v)
+    return v * d + memory_proj + 2 * d + output
+
+
+def count_parameters(cfg: ModelConfig) -> ParamCount:
+    return ParamCount(
+        encoder=subsampling_params(cfg) + cfg.encoder_layers * encoder_layer_params(cfg),
+        decoder=decoder_fixed_params(cfg) + cfg.decoder_layers * decoder_layer_params(cfg),
+        ctc_head=_linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else 0,
+    )
+
+
+# --- FLOPs ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs of one utterance, by part (2 per multiply-add)."""
+
+    encoder_dense: int
+    """Subsampling convolutions and all encoder matmuls except attention scores."""
+    encoder_attention: int
+    """Encoder ``QKᵀ`` and ``PV`` (quadratic in encoder frames)."""
+    decoder_dense: int
+    """Decoder matmuls (incl. cross-attention K/V of the encoder frames and the output layer)."""
+    decoder_attention: int
+    """Decoder causal self-attention and cross-attention scores (counted as dense)."""
+    ctc_head: int
+
+    @property
+    def forward(self) -> int:
+        return (
+            self.encoder_dense + self.encoder_attention + self.decoder_dense
+            + self.decoder_attention + self.ctc_head
+        )  # fmt: skip
+
+    @property
+    def training(self) -> int:
+        return 3 * self.forward
+
+
+def count_flops(cfg: ModelConfig, frames: int, tokens: int) -> FlopCount:
+    """Forward FLOPs of one utterance of ``frames`` input frames and ``tokens`` decoder tokens."""
+    c, d, k = cfg.subsampling_channels, cfg.d_model, cfg.conv_kernel
+    t, freq, sub = frames, cfg.n_mels, 0
+    for stage in range(3):
+        t, freq = (t + 1) // 2, (freq + 1) // 2
+        sub += t * freq * c * 9 if stage == 0 else t * freq * (c * 9 + c * c)
+    sub += t * c * freq * d
+    te = encoder_length(frames)
+    ff = cfg.ff_mult * d
+    enc_per_frame = 2 * (2 * d * ff) + 4 * d * d + (2 * d * d + k * d + d * d)
+    dd, fd, v, n = cfg.dec_d_model, cfg.ff_mult * cfg.dec_d_model, cfg.vocab_size, tokens
+    dec_per_token = 4 * dd * dd + 2 * dd * dd + 2 * dd * fd
+    dec_per_frame = 2 * dd * dd
+    memory_proj = te * d * dd if dd != d else 0
+    return FlopCount(
+        encoder_dense=2 * (sub + cfg.encoder_layers * te * enc_per_frame),
+        encoder_attention=2 * cfg.encoder_layers * 2 * te * te * d,
+        decoder_dense=2
+        * (
+            cfg.decoder_layers * (n * dec_per_token + te * dec_per_frame) + memory_proj + n * dd * v
+        ),  # fmt: skip
+        decoder_attention=2 * cfg.decoder_layers * 2 * (n * n + n * te) * dd,
+        ctc_head=2 * te * d * v if cfg.ctc_weight > 0 else 0,
+    )
+
+
+def training_flops_per_audio_second(
+    cfg: ModelConfig, duration: float = 10.0, tokens_per_second: float = 4.0
+) -> float:
+    """Training FLOPs per second of audio, for utterances of ``duration`` seconds."""
+    frames = num_input_frames(duration)
+    tokens = PROMPT_TOKENS + round(tokens_per_second * duration)
+    return count_flops(cfg, frames, tokens).training / duration
+
+
+# --- planner --------------------------------------------------------------------------------------
+def config_from_budget(params: float, encoder_share: float = 0.85, **overrides) -> ModelConfig:
+    """A config of about ``params`` parameters, ``encoder_share`` of them in the encoder.
+
+    The width is the largest of a fixed ladder that still leaves the encoder at least
+    ``max(4, d_model / 48)`` layers deep (deep-and-narrow trains better than shallow-and-wide at a
+    fixed size; the rule recovers Canary's widths: 512 at ~180M, 1024 at ~1B). Layer counts then
+    fill each part's share (at least one decoder layer). ``overrides`` fix other fields (vocab,
+    channels, ...) and may fix ``d_model``/``encoder_heads`` too.
+    """
+    if params <= 0:
+        raise UserError(f"parameter budget must be > 0, got {params}")
+    if not 0.0 < encoder_share < 1.0:
+        raise UserError(f"encoder share must be in (0, 1), got {encoder_share}")
+    widths = _WIDTHS
+    if "d_model" in overrides:
+        d = overrides["d_model"]
+        widths = ((d, overrides.get("encoder_heads", max(2, d // 64))),)
+    best = None
+    for d, heads in widths:
+        base = ModelConfig(**{"encoder_heads": heads, **overrides, "d_model": d,
+                              "encoder_layers": 0, "decoder_layers": 0})  # fmt: skip
+        enc_layers = round(
+            (encoder_share * params - subsampling_params(base)) / encoder_layer_params(base)
+        )
+        dec_layers = max(
+            1,
+            round(((1 - encoder_share) * params - decoder_fixed_params(base) - count_parameters(
+                base).ctc_head) / decoder_layer_params(base)),
+        )  # fmt: skip
+        if best is None or enc_layers >= max(4, d / 48):
+            best = replace(base, encoder_layers=max(1, enc_layers), decoder_layers=dec_layers)
+    return best
+
+
+# --- command --------------------------------------------------------------------------------------
+def _parse_count(text: str) -> float:
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in scale:
+            return float(text[:-1]) * scale[text[-1]]
+        return float(text)
+    except ValueError:
+        raise UserError(f"cannot read parameter count '{text}' (e.g. 3.5M, 180M, 1B)") from None
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise UserError(f"--set expects KEY=VALUE with KEY a ModelConfig field, got '{item}'")
+        default = getattr(ModelConfig(), key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) or default is None:
+            out[key] = type(default)(value) if default is not None else int(value)
+        else:
+            out[key] = value
+    return out
+
+
+def describe(cfg: ModelConfig, duration: float, tokens_per_second: float) -> dict:
+    """Everything ``model info`` prints about one config."""
+    p = count_parameters(cfg)
+    frames = num_input_frames(duration)
+    flops = count_flops(cfg, frames, PROMPT_TOKENS + round(tokens_per_second * duration))
+    return {
+        "params_encoder": p.encoder,
+        "params_decoder": p.decoder,
+        "params_ctc_head": p.ctc_head,
+        "params_total": p.total,
+        "encoder_share": p.encoder / max(p.total, 1),
+        "train_gflops_per_audio_second": flops.training / duration / 1e9,
+        "train_flops_breakdown": {k: v * 3 / duration for k, v in asdict(flops).items()},
+        "config": asdict(cfg),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "presets", nargs="*", metavar="PRESET",
+        help=f"presets to describe (default: all): {', '.join(PRESETS)}",
+    )  # fmt: skip
+    parser.add_argument("--budget", help="plan a config of this many parameters (e.g. 180M)")
+    parser.add_argument("--encoder-share", type=float, default=0.85,
+                        help="fraction of the budget in the encoder (with --budget)")  # fmt: skip
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override ModelConfig fields (e.g. vocab_size=1024)")  # fmt: skip
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="utterance length assumed for attention FLOPs, seconds")  # fmt: skip
+    parser.add_argument("--tokens-per-second", type=float, default=4.0,
+                        help="text tokens per second assumed for decoder FLOPs")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = _parse_overrides(args.set)
+    configs: dict[str, ModelConfig] = {}
+    try:
+        if args.budget:
+            name = f"budget-{args.budget}"
+            configs[name] = config_from_budget(
+                _parse_count(args.budget), args.encoder_share, **overrides
+            )
+        for name in args.presets or ([] if args.budget else list(PRESETS)):
+            configs[name] = preset(name, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    info = {
+        name: describe(cfg, args.duration, args.tokens_per_second) for name, cfg in configs.items()
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    header = (
+        f"{'model':<20} {'enc layers':>10} {'dec layers':>10} {'d_model':>8} {'encoder':>9} "
+        f"{'decoder':>9} {'total':>9} {'published':>9} {'train GFLOP/s audio':>20}"
+    )
+    print(header)
+    for name, row in info.items():
+        cfg = configs[name]
+        published = PUBLISHED_PARAMS.get(name)
+        dims = f"{cfg.d_model}" + (f"/{cfg.dec_d_model}" if cfg.dec_d_model != cfg.d_model else "")
+        print(
+            f"{name:<20} {cfg.encoder_layers:>10} {cfg.decoder_layers:>10} {dims:>8} "
+            f"{_human(row['params_encoder']):>9} {_human(row['params_decoder']):>9} "
+            f"{_human(row['params_total']):>9} "
+            f"{(_human(published) if published else '-'):>9} "
+            f"{row['train_gflops_per_audio_second']:>20.2f}"
+        )
+    print(
+        f"\nFLOPs: matmuls + convolutions, training = 3x forward, {args.duration:g} s utterances "
+        f"with {args.tokens_per_second:g} text tokens/s (+{PROMPT_TOKENS} prompt tokens)."
+    )
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{1 if unit == 'B' else 2 if n < 10 * scale else 1}f}{unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,251 @@
+"""FastConformer encoder: 8x convolutional subsampling, then conformer blocks; packed or padded.
+
+Every module takes ``x`` and a layout (``speedasr.nn.layout``): packed ``x: (N, D)`` with
+``N = Σ T'_i`` or padded ``x: (B, T', D)``. Nothing mixes utterances:
+
+- subsampling runs its convolutions on one zero "gapped" stream (packed) or on masked padded
+  tensors; either way each utterance sees exactly the zeros it would see alone;
+- the conformer convolution module uses LayerNorm, not BatchNorm: BatchNorm's statistics would
+  mix all utterances of a batch (and the padding, in padded mode), so one utterance's output would
+  depend on the others' (and packed would differ from padded);
+- self-attention uses rotary positions that restart at 0 for every utterance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedasr.data.padding import encoder_length
+from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
+from speedasr.nn.rotary import apply_rotary
+from speedasr.nn.segments import Segments
+
+SUBSAMPLING_STAGES = 3
+"""Three stride-2 stages: 8x fewer frames (10 ms -> 80 ms)."""
+SUBSAMPLING_RECEPTIVE_FIELD = 15
+"""Input frames one encoder frame sees through the three k3/s2 stages: 1 + 2·(1 + 2 + 4)."""
+
+
+class ConvSubsampling(nn.Module):
+    """FastConformer 8x subsampling: ``(frames, n_mels) -> (ceil(frames / 8), d_model)``.
+
+    conv2d(1→C, 3×3, s2) + ReLU, then twice [depthwise conv2d(C, 3×3, s2) + pointwise
+    conv2d(C→C) + ReLU], then a linear map of the ``C × ceil(n_mels / 8)`` features to ``d_model``.
+    Every stage maps T frames to ``ceil(T / 2)`` (kernel 3, padding 1), so output lengths are
+    ``speedasr.data.padding.encoder_length(T)``.
+
+    Short utterances: an utterance of ``T >= 1`` frames always gives ``ceil(T / 8) >= 1`` frames,
+    computed as if it were alone (its receptive field, 15 input frames, is completed with zeros,
+    never with a neighbour's frames); ``T = 0`` gives 0 frames.
+    """
+
+    def __init__(self, n_mels: int, channels: int, d_model: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(1, channels, 3, stride=2, padding=1),
+                nn.Sequential(
+                    nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
+                    nn.Conv2d(channels, channels, 1),
+                ),
+                nn.Sequential(
+                    nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
+                    nn.Conv2d(channels, channels, 1),
+                ),
+            ]
+        )
+        freq = n_mels
+        for _ in range(SUBSAMPLING_STAGES):
+            freq = (freq + 1) // 2
+        self.out = nn.Linear(channels * freq, d_model)
+
+    def forward_packed(self, x: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, Segments]:
+        """``x: (ΣT, n_mels)`` -> ``(ΣT', d_model)`` and the descriptor of the T' frames.
+
+        All utterances share one stream, each starting at a multiple of 8 and followed by enough
+        zeros that at every stage it starts at an even offset and has a zero frame on each side
+        (its conv padding). Gap frames are re-zeroed after every stage (bias + ReLU make them
+        non-zero). The stream costs at most 11 extra frames per utterance.
+        """
+        lengths = segments.lengths
+        device = x.device
+        starts, pos = [], 0
+        for n in lengths:
+            starts.append(pos)
+            # next start: a multiple of 8 leaving >= 1 zero frame after this utterance at stages
+            # 0-2 (4 * ceil(n/4) + 4 input frames suffice, see the tests)
+            pos += -(-(n + 4) // 8) * 8
+        stream_length = max(pos, 8)
+        start = torch.tensor(starts, dtype=torch.int64, device=device)
+        index = start[segments.segment_ids] + segments.positions
+        stream = x.new_zeros(stream_length, x.shape[1]).index_copy(0, index, x)
+        h = stream[None, None]  # (1, 1, L, F)
+        stage_lengths = list(lengths)
+        for s, conv in enumerate(self.convs):
+            h = F.relu(conv(h))
+            stage_lengths = [encoder_length(n, num_stages=1) for n in stage_lengths]
+            stage_segments = Segments.from_lengths(stage_lengths, device)
+            index = (start >> (s + 1))[stage_segments.segment_ids] + stage_segments.positions
+            if s < len(self.convs) - 1:
+                keep = torch.zeros(h.shape[2], dtype=h.dtype, device=device)
+                keep[index] = 1.0
+                h = h * keep[:, None]
+        rows = h[0].transpose(0, 1).index_select(0, index)  # (ΣT', C, F')
+        return self.out(rows.flatten(1)), stage_segments
+
+    def forward_padded(
+        self, x: torch.Tensor, segments: Segments
+    ) -> tuple[torch.Tensor, Segments, int]:
+        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``.
+
+        Frames past each utterance's length are zeroed before every stage, so they act as the conv
+        padding the utterance would see alone.
+        """
+        lengths = list(segments.lengths)
+        device = x.device
+        h = x[:, None]  # (B, 1, T, F)
+        for conv in self.convs:
+            h = h * _time_mask(lengths, h.shape[2], device, h.dtype)[:, None, :, None]
+            h = F.relu(conv(h))
+            lengths = [encoder_length(n, num_stages=1) for n in lengths]
+        out_segments = Segments.from_lengths(lengths, device)
+        y = self.out(h.transpose(1, 2).flatten(2))  # (B, T', C*F')
+        return y, out_segments, h.shape[2]
+
+
+def _time_mask(lengths: list[int], t: int, device, dtype) -> torch.Tensor:
+    lens = torch.tensor(lengths, device=device)
+    return (torch.arange(t, device=device)[None] < lens[:, None]).to(dtype)
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``Linear(d, ff) -> activation -> dropout -> Linear(ff, d)`` on ``(..., d)``."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str = "silu") -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.activation = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(self.activation(self.up(x))))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions; causal for the decoder.
+
+    ``x: (N, D)`` packed or ``(B, T, D)`` padded -> same shape.
+    """
+
+    def __init__(
+        self, d_model: int, heads: int, causal: bool = False, rope_base: float = 10000.0
+    ) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
+        self.heads, self.head_dim, self.causal, self.rope_base = (
+            heads, d_model // heads, causal, rope_base,
+        )  # fmt: skip
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
+        cos, sin = layout.rotary(self.head_dim, self.rope_base)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = layout.attend(q, k, v, layout, causal=self.causal)
+        return self.proj(out.flatten(-2))
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution: pointwise(D→2D) → GLU → depthwise(k) → LayerNorm → SiLU → pointwise.
+
+    LayerNorm normalizes each frame over its channels: no statistic crosses frames or utterances.
+    """
+
+    def __init__(self, d_model: int, kernel_size: int) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"conv kernel size must be odd (same-length output), got {kernel_size}"
+            )
+        self.pointwise_in = nn.Linear(d_model, 2 * d_model)
+        self.depthwise = nn.Conv1d(
+            d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise_out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        h = F.glu(self.pointwise_in(x), dim=-1)
+        h = layout.depthwise_conv(h, self.depthwise)
+        return self.pointwise_out(F.silu(self.norm(h)))
+
+
+class ConformerBlock(nn.Module):
+    """Macaron block: x + ½FFN, + MHSA, + conv, + ½FFN, then LayerNorm (all pre-norm)."""
+
+    def __init__(
+        self, d_model: int, heads: int, d_ff: int, kernel_size: int, dropout: float,
+        rope_base: float = 10000.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.ff1_norm, self.ff1 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
+        self.attn_norm, self.attn = (
+            nn.LayerNorm(d_model),
+            SelfAttention(d_model, heads, rope_base=rope_base),
+        )
+        self.conv_norm, self.conv = nn.LayerNorm(d_model), ConvModule(d_model, kernel_size)
+        self.ff2_norm, self.ff2 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
+        self.out_norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        x = x + 0.5 * self.dropout(self.ff1(self.ff1_norm(x)))
+        x = x + self.dropout(self.attn(self.attn_norm(x), layout))
+        x = x + self.dropout(self.conv(self.conv_norm(x), layout))
+        x = x + 0.5 * self.dropout(self.ff2(self.ff2_norm(x)))
+        return self.out_norm(x)
+
+
+class ConformerEncoder(nn.Module):
+    """Subsampling + ``layers`` conformer blocks. See ``forward_packed`` / ``forward_padded``."""
+
+    def __init__(
+        self, n_mels: int, subsampling_channels: int, d_model: int, layers: int, heads: int,
+        d_ff: int, kernel_size: int, dropout: float, rope_base: float = 10000.0,
+        attention_backend: str = "auto",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.subsampling = ConvSubsampling(n_mels, subsampling_channels, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            ConformerBlock(d_model, heads, d_ff, kernel_size, dropout, rope_base)
+            for _ in range(layers)
+        )
+        self.attention_backend = attention_backend
+
+    def forward_packed(
+        self, features: torch.Tensor, segments: Segments
+    ) -> tuple[torch.Tensor, PackedLayout]:
+        """``features: (ΣT, n_mels)`` -> ``(ΣT', D)`` with ``T'_i = encoder_length(T_i)``."""
+        x, enc_segments = self.subsampling.forward_packed(features, segments)
+        layout = PackedLayout(enc_segments, self.attention_backend)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, layout)
+        return x, layout
+
+    def forward_padded(
+        self, features: torch.Tensor, segments: Segments
+    ) -> tuple[torch.Tensor, PaddedLayout]:
+        """``features: (B, T, n_mels)`` -> ``(B, T', D)``; rows past each length are junk."""
+        x, enc_segments, length = self.subsampling.forward_padded(features, segments)
+        layout = PaddedLayout(enc_segments, length)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, layout)
+        return x, layout

@@ -1,0 +1,150 @@
+"""Transformer decoder (pre-LN): causal self-attention, cross-attention to the encoder, FFN.
+
+Packed: tokens ``(ΣL,)`` with their ``PackedLayout``; the encoder memory ``(ΣT', D)`` with its own.
+Cross-attention pairs query segment i (tokens of utterance i) with key segment i (frames of
+utterance i) through separate ``cu_seqlens``. Padded: ``(B, L)`` tokens, ``(B, T', D)`` memory.
+Positions: rotary in self-attention (reset per utterance); none in cross-attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedasr.nn.conformer import FeedForward, SelfAttention
+from speedasr.nn.layout import Layout
+from speedasr.nn.rotary import apply_rotary
+
+
+class CrossAttention(nn.Module):
+    """Queries from decoder tokens, keys/values from the encoder frames of the same utterance."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
+        self.heads, self.head_dim = heads, d_model // heads
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(
+        self, x: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout
+    ) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (self.heads, self.head_dim))
+        k, v = self.kv(memory).unflatten(-1, (2, self.heads, self.head_dim)).unbind(-3)
+        return self.proj(layout.attend(q, k, v, memory_layout, causal=False).flatten(-2))
+
+    # Incremental decoding (speedasr.decoding): keys/values of the encoder output are computed once.
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``memory: (B, T', D)`` -> ``k, v: (B, H, T', Dh)``."""
+        k, v = self.kv(memory).unflatten(-1, (2, self.heads, self.head_dim)).unbind(-3)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward_cached(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``x: (B, S, D)`` attends to ``memory_kv`` output; ``key_mask: (B, 1, 1, T')``, True at
+        real frames (every row needs one True: see ``speedasr.decoding.cache``)."""
+        q = self.q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.proj(out.transpose(1, 2).flatten(-2))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(
+        self, d_model: int, heads: int, d_ff: int, dropout: float, rope_base: float = 10000.0
+    ) -> None:
+        super().__init__()
+        self.self_norm = nn.LayerNorm(d_model)
+        self.self_attn = SelfAttention(d_model, heads, causal=True, rope_base=rope_base)
+        self.cross_norm = nn.LayerNorm(d_model)
+        self.cross_attn = CrossAttention(d_model, heads)
+        self.ff_norm = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, d_ff, dropout, activation="relu")
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.self_norm(x), layout))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), layout, memory, memory_layout))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        self_kv: tuple[torch.Tensor, torch.Tensor],
+        write_index: tuple[torch.Tensor, torch.Tensor],
+        self_mask: torch.Tensor,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        cross_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Incremental forward (inference: no dropout) of ``S`` new positions ``x: (B, S, D)``.
+
+        rotary: ``cos, sin: (B, S, Dh/2)`` at the new positions (continuing after the cached ones,
+            so they match the full forward). self_kv: this block's cache ``k, v: (B, H, L, Dh)``;
+            the new keys/values are written in place at slots ``write_index = (rows, cols)``, both
+            ``(B, S)``, before attending. self_mask: ``(B, 1, S, L')``, True where a new position
+            may attend to a slot (``L' <= L``: only the slots in use are read). cross_kv, cross_mask:
+            ``CrossAttention.memory_kv`` of the encoder output and ``(B, 1, 1, T')``.
+        """
+        attn = self.self_attn
+        qkv = attn.qkv(self.self_norm(x)).unflatten(-1, (3, attn.heads, attn.head_dim))
+        cos, sin = rotary
+        qk = apply_rotary(qkv[:, :, :2], cos[:, :, None], sin[:, :, None])  # q and k in one call
+        k_cache, v_cache = self_kv
+        k_cache[write_index[0], :, write_index[1]] = qk[:, :, 1]
+        v_cache[write_index[0], :, write_index[1]] = qkv[:, :, 2]
+        used = self_mask.shape[-1]
+        out = F.scaled_dot_product_attention(
+            qk[:, :, 0].transpose(1, 2), k_cache[:, :, :used], v_cache[:, :, :used],
+            attn_mask=self_mask,
+        )  # fmt: skip
+        x = x + attn.proj(out.transpose(1, 2).flatten(-2))
+        x = x + self.cross_attn.forward_cached(self.cross_norm(x), *cross_kv, cross_mask)
+        return x + self.ff(self.ff_norm(x))
+
+
+class TransformerDecoder(nn.Module):
+    """Token embedding -> ``layers`` blocks -> LayerNorm -> output projection to the vocabulary.
+
+    ``hidden(...)`` returns the final normalized states; ``logits(h)`` projects them (callers that
+    need only some positions, e.g. the loss, project only those).
+    """
+
+    def __init__(
+        self, vocab_size: int, d_model: int, layers: int, heads: int, d_ff: int, dropout: float,
+        memory_dim: int, tie_embeddings: bool = True, rope_base: float = 10000.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        # Encoder and decoder widths may differ (canary-180m-flash: 512 -> 1024).
+        self.memory_proj = nn.Linear(memory_dim, d_model) if memory_dim != d_model else None
+        self.blocks = nn.ModuleList(
+            DecoderBlock(d_model, heads, d_ff, dropout, rope_base) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(d_model, vocab_size)
+        if tie_embeddings:
+            self.output.weight = self.embed.weight
+
+    def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        return memory if self.memory_proj is None else self.memory_proj(memory)
+
+    def hidden(
+        self, tokens: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout
+    ) -> torch.Tensor:
+        """``tokens: (ΣL,)`` or ``(B, L)`` -> ``(ΣL, D)`` or ``(B, L, D)`` final states."""
+        memory = self.project_memory(memory)
+        x = self.dropout(self.embed(tokens))
+        for block in self.blocks:
+            x = block(x, layout, memory, memory_layout)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output(hidden)

@@ -1,0 +1,282 @@
+"""Triton varlen flash-attention vs the fp32 reference, under TRITON_INTERPRET=1 (see conftest).
+
+Accuracy rule (as in flash-attention's tests): in fp16 the kernel's max-abs error against the fp32
+reference must be at most twice that of plain PyTorch attention computed in fp16 from the same
+inputs (plus a small absolute floor for near-zero errors); in fp32 it must be ~1e-5 absolute.
+Sizes are small because the interpreter runs every program in numpy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from speedasr.kernels import flash_varlen as fv  # noqa: E402
+from speedasr.kernels.flash_varlen import flash_attn_varlen, flash_attn_varlen_fwd  # noqa: E402
+from speedasr.kernels.reference import attention_ref  # noqa: E402
+
+HEADS = 2
+
+# (name, query lengths, key lengths): each exercises a boundary of the tiling or of the masks.
+# Tiles are 32 and 64 rows/keys, so 31/33/63/64/65/127/129 straddle every tile edge.
+CASES = [
+    ("single", [100], [100]),
+    ("len1_and_empty", [1, 0, 5, 3, 0], [1, 4, 0, 7, 0]),
+    ("tile_edges", [1, 17, 63, 64, 65, 127, 129], [1, 17, 63, 64, 65, 127, 129]),
+    ("q_longer", [33, 70, 9], [5, 31, 9]),
+    ("k_longer", [5, 31, 2], [33, 70, 65]),
+    ("cross_mixed", [1, 65, 17, 0], [129, 1, 64, 31]),
+]
+
+
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _inputs(len_q, len_k, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape_q, shape_k = (sum(len_q), HEADS, head_dim), (sum(len_k), HEADS, head_dim)
+    q, k, v = (torch.randn(s, generator=gen).to(dtype) for s in (shape_q, shape_k, shape_k))
+    grad = torch.randn(shape_q, generator=gen).to(dtype)
+    return q, k, v, _offsets(len_q), _offsets(len_k), grad
+
+
+def _run(fn, q, k, v, grad):
+    """Output and (dq, dk, dv) of ``fn`` on fresh leaves."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), (q.grad, k.grad, v.grad)
+
+
+def _kernel(cu_q, cu_k, len_q, len_k, causal):
+    return lambda q, k, v: flash_attn_varlen(
+        q, k, v, cu_q, cu_k, max(len_q, default=0), max(len_k, default=0), causal
+    )
+
+
+def _ref(cu_q, cu_k, causal, upcast=True):
+    return lambda q, k, v: attention_ref(q, k, v, cu_q, cu_k, causal, upcast=upcast)
+
+
+def _max_err(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "head_dim,dtype",
+    [(64, torch.float32), (128, torch.float32), (64, torch.float16), (128, torch.float16)],
+    ids=["d64-fp32", "d128-fp32", "d64-fp16", "d128-fp16"],
+)
+@pytest.mark.parametrize("name,len_q,len_k", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(name, len_q, len_k, head_dim, dtype, causal):
+    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, head_dim, dtype)
+    out, grads = _run(_kernel(cu_q, cu_k, len_q, len_k, causal), q, k, v, grad)
+    out_ref, grads_ref = _run(_ref(cu_q, cu_k, causal), q.float(), k.float(), v.float(), grad)
+
+    assert out.dtype == dtype and out.shape == q.shape
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+    names = ("out", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        for what, got, want in zip(names, (out, *grads), (out_ref, *grads_ref), strict=True):
+            scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
+            assert _max_err(got, want) <= 1e-5 * scale, what
+    else:
+        out_pt, grads_pt = _run(_ref(cu_q, cu_k, causal, upcast=False), q, k, v, grad)
+        for what, got, base, want in zip(
+            names, (out, *grads), (out_pt, *grads_pt), (out_ref, *grads_ref), strict=True
+        ):
+            err, err_pt = _max_err(got, want), _max_err(base, want)
+            assert err <= 2 * err_pt + 1e-4, f"{what}: kernel {err:.2e} vs plain fp16 {err_pt:.2e}"
+
+
+def test_causal_diagonal_sweep():
+    # The causal offset diag = Lk - Lq decides which key blocks are fully visible (run unmasked)
+    # and which straddle the diagonal (masked). Offsets within +-2 of every multiple of the 32-
+    # and 64-wide tiles put the diagonal on, just before and just after each block edge.
+    diags = [-66, -65, -64, -34, -33, -32, -2, -1, 0, 1, 30, 31, 32, 33, 62, 63, 64, 65]
+    len_q = [70] * len(diags)
+    len_k = [70 + d for d in diags]
+    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, 64, torch.float32, seed=5)
+    q, k, v, grad = (t[:, :1].contiguous() for t in (q, k, v, grad))  # one head: it is slow
+    out, grads = _run(_kernel(cu_q, cu_k, len_q, len_k, True), q, k, v, grad)
+    out_ref, grads_ref = _run(_ref(cu_q, cu_k, True), q, k, v, grad)
+    for got, want in zip((out, *grads), (out_ref, *grads_ref), strict=True):
+        assert _max_err(got, want) <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_odd_head_dims():
+    # Head dims that are not powers of two run in the next power-of-two tile with masked columns
+    # (40 -> 64 columns; 8 -> the 16-column minimum of tl.dot; 160 -> 256, the small-tile config).
+    for head_dim in (40, 8, 160):
+        len_q, len_k = [65, 3], [33, 130]
+        for causal in (False, True):
+            q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, head_dim, torch.float32, seed=3)
+            out, grads = _run(_kernel(cu_q, cu_k, len_q, len_k, causal), q, k, v, grad)
+            out_ref, grads_ref = _run(_ref(cu_q, cu_k, causal), q, k, v, grad)
+            for got, want in zip((out, *grads), (out_ref, *grads_ref), strict=True):
+                assert _max_err(got, want) <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_log_sum_exp_and_queries_without_keys():
+    # Sequence 0: causal with Lq > Lk leaves its first 3 queries without keys; sequence 1 has no
+    # keys at all; sequence 2 has no queries (its keys must get zero gradients).
+    len_q, len_k = [5, 4, 0, 7], [2, 0, 6, 7]
+    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, 64, torch.float32, seed=1)
+    out, lse = flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, 7, 7, True, 0.125)
+    _, lse_ref = attention_ref(q, k, v, cu_q, cu_k, True, 0.125, return_lse=True)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    assert torch.allclose(lse[finite], lse_ref[finite], atol=1e-5)
+
+    out, (dq, dk, dv) = _run(_kernel(cu_q, cu_k, len_q, len_k, True), q, k, v, grad)
+    no_key_rows = [0, 1, 2, 5, 6, 7, 8]  # seq 0 rows 0-2, all of seq 1
+    assert torch.equal(out[no_key_rows], torch.zeros_like(out[no_key_rows]))
+    assert torch.equal(dq[no_key_rows], torch.zeros_like(dq[no_key_rows]))
+    no_query_keys = slice(2, 8)  # seq 2
+    assert torch.equal(dk[no_query_keys], torch.zeros_like(dk[no_query_keys]))
+    assert torch.equal(dv[no_query_keys], torch.zeros_like(dv[no_query_keys]))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sequences_are_isolated(causal):
+    len_q, len_k = [40, 70, 9], [66, 33, 9]
+    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, 64, torch.float16, seed=2)
+    fn = _kernel(cu_q, cu_k, len_q, len_k, causal)
+    out, grads = _run(fn, q, k, v, grad)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[40:110], k2[66:99], v2[66:99] = 7.0, -3.0, 5.0  # replace sequence 1 entirely
+    out2, grads2 = _run(fn, q2, k2, v2, grad)
+    others_q = torch.cat([torch.arange(0, 40), torch.arange(110, 119)])
+    others_k = torch.cat([torch.arange(0, 66), torch.arange(99, 108)])
+    assert not torch.equal(out[40:110], out2[40:110])
+    assert torch.equal(out[others_q], out2[others_q])
+    assert torch.equal(grads[0][others_q], grads2[0][others_q])
+    assert torch.equal(grads[1][others_k], grads2[1][others_k])
+    assert torch.equal(grads[2][others_k], grads2[2][others_k])
+
+
+def test_backward_is_deterministic():
+    len_q, len_k = [70, 5], [129, 64]
+    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, 64, torch.float16, seed=4)
+    fn = _kernel(cu_q, cu_k, len_q, len_k, True)
+    _, first = _run(fn, q, k, v, grad)
+    _, second = _run(fn, q, k, v, grad)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_strided_views_and_expanded_grad():
+    # q, k, v as views of one fused qkv projection (token stride 3*H*D); out.sum() gives an
+    # expanded (stride-0) output gradient.
+    len_q = [17, 65]
+    qkv = torch.randn(sum(len_q), 3, HEADS, 64)
+    q, k, v = qkv.unbind(1)
+    cu = _offsets(len_q)
+    fn = _kernel(cu, cu, len_q, len_q, True)
+    out, grads = _run(fn, q, k, v, torch.ones(sum(len_q), HEADS, 64))
+    q2, k2, v2 = (t.contiguous().requires_grad_() for t in (q, k, v))
+    fn(q2, k2, v2).sum().backward()
+    assert torch.allclose(out, _ref(cu, cu, True)(q, k, v), atol=1e-5)
+    for a, b in zip(grads, (q2.grad, k2.grad, v2.grad), strict=True):
+        assert torch.equal(a, b)
+
+
+def _good_call():
+    q, k, v, cu_q, cu_k, _ = _inputs([3, 5], [4, 6], 64, torch.float32)
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=6)
+
+
+def _with(**changes):
+    call = _good_call()
+    for key, value in changes.items():
+        call[key] = value(call) if callable(value) else value
+    return call
+
+
+BAD_CALLS = [
+    (
+        "offsets not at 0",
+        dict(cu_seqlens_q=torch.tensor([1, 3, 8], dtype=torch.int32)),
+        "start at 0",
+    ),
+    ("last offset", dict(cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32)), "ends at 9"),
+    ("decreasing", dict(cu_seqlens_k=torch.tensor([0, 11, 10], dtype=torch.int32)), "non-decr"),
+    ("batch counts", dict(cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32)), "2 sequences"),
+    ("int64 offsets", dict(cu_seqlens_q=lambda c: c["cu_seqlens_q"].long()), "int32"),
+    ("float64", dict(q=lambda c: c["q"].double()), "unsupported"),
+    ("mixed dtypes", dict(k=lambda c: c["k"].half()), "dtypes differ"),
+    ("head dim", dict(k=lambda c: c["k"][..., :32]), "head dims differ"),
+    (
+        "head dim too big",
+        dict(q=torch.randn(8, 2, 512), k=torch.randn(10, 2, 512), v=torch.randn(10, 2, 512)),
+        "not in",
+    ),  # fmt: skip
+    ("heads", dict(v=lambda c: c["v"][:, :1]), "head counts"),
+    ("k vs v tokens", dict(v=lambda c: c["v"][:9]), "tokens"),
+    ("2-D q", dict(q=lambda c: c["q"][:, 0]), "must be"),
+    ("stride", dict(q=lambda c: c["q"].transpose(1, 2).contiguous().transpose(1, 2)), "stride"),
+    ("max_seqlen", dict(max_seqlen_k=5), "max_seqlen"),
+    ("max_seqlen type", dict(max_seqlen_q=5.0), "host int"),
+]
+
+
+@pytest.mark.parametrize("changes,match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_calls_raise_before_launch(monkeypatch, changes, match):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was scheduled for a bad call")
+
+    monkeypatch.setattr(fv, "_tile_schedule", no_launch)
+    with pytest.raises(ValueError, match=match):
+        flash_attn_varlen(**_with(**changes))
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(fv, "_INTERPRET", False)
+    with pytest.raises(ValueError, match="CUDA"):
+        flash_attn_varlen(**_good_call())
+
+
+def test_tile_schedule_covers_every_tile_once():
+    cu = _offsets([0, 130, 1, 64, 65])
+    cu_other = _offsets([5, 10, 300, 1, 64])
+    n_prog = fv._num_programs(260, 5, 130, 64)
+    seq, tile = fv._tile_schedule(cu, cu_other, 64, n_prog, heavy_last=True).tolist()
+    real = [(s, t) for s, t in zip(seq, tile, strict=True) if s >= 0]
+    assert sorted(real) == [(1, 0), (1, 1), (1, 2), (2, 0), (3, 0), (4, 0), (4, 1)]
+    assert seq[: len(real)] == [2, 4, 4, 1, 1, 1, 3]  # heaviest (most keys) first, spares last
+    assert tile[:3] == [0, 1, 0]  # heavy_last: a sequence's last (causally longest) tile first
+    assert all(s == -1 for s in seq[len(real) :])
+
+
+def test_packed_attention_triton_backend():
+    from speedasr.nn.attention import _auto_backend, packed_attention
+
+    len_q, len_k = [3, 65], [64, 2]
+    q, k, v, cu_q, cu_k, _ = _inputs(len_q, len_k, 64, torch.float32)
+    out = packed_attention(q, k, v, cu_q, cu_k, 65, 64, causal=True, backend="triton")
+    assert torch.allclose(out, attention_ref(q, k, v, cu_q, cu_k, True), atol=1e-5)
+    assert _auto_backend(q) == "torch"  # CPU tensors never pick the Triton kernels
+
+
+def test_registered_op_traces_with_fake_tensors():
+    # opcheck: schema, fake implementation vs real outputs, autograd registration, AOT tracing.
+    q, k, v, cu_q, cu_k, _ = _inputs([3, 17], [5, 2], 64, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(flash_attn_varlen_fwd, (q, k, v, cu_q, cu_k, 17, 5, True, 0.125))
+
+
+def test_torch_compile_traces_forward_and_backward():
+    len_q, len_k = [3, 17], [5, 2]
+    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, 64, torch.float32)
+    fn = _kernel(cu_q, cu_k, len_q, len_k, True)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    out, grads = _run(compiled, q, k, v, grad)
+    out_eager, grads_eager = _run(fn, q, k, v, grad)
+    assert torch.equal(out, out_eager)
+    for a, b in zip(grads, grads_eager, strict=True):
+        assert torch.equal(a, b)

@@ -1,0 +1,118 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from speedasr.cli import main
+from speedasr.data.batch import PaddedBatch
+from speedasr.errors import UserError
+from speedasr.models.aed import AEDModel, ModelConfig
+from speedasr.models.sizing import (
+    PRESETS,
+    PUBLISHED_PARAMS,
+    config_from_budget,
+    count_flops,
+    count_parameters,
+    preset,
+)
+from speedasr.nn.segments import Segments
+
+
+def real_counts(cfg: ModelConfig) -> tuple[int, int, int]:
+    with torch.device("meta"):  # no memory: works for the 1B presets too
+        m = AEDModel(cfg)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    return count(m.encoder), count(m.decoder), count(m)
+
+
+CONFIGS = [
+    *PRESETS.values(),
+    ModelConfig(d_model=96, encoder_heads=2, decoder_d_model=64, decoder_heads=4, n_mels=64),
+    ModelConfig(tie_embeddings=False, ctc_weight=0.0, conv_kernel=31, ff_mult=2),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_closed_form_parameters_match_the_model(cfg):
+    p = count_parameters(cfg)
+    assert (p.encoder, p.decoder, p.total) == real_counts(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_canary_presets_within_5_percent_of_published(name):
+    total = count_parameters(PRESETS[name]).total
+    assert abs(total / PUBLISHED_PARAMS[name] - 1) < 0.05
+
+
+def test_cpu_presets_sizes():
+    assert 2e6 <= count_parameters(PRESETS["tiny"]).total <= 5e6
+    assert PRESETS["tiny"] == ModelConfig()  # the config defaults are the tiny preset
+    assert count_parameters(PRESETS["small"]).total > 4 * count_parameters(PRESETS["tiny"]).total
+
+
+def test_flops_match_torch_flop_counter():
+    # One utterance in a padded batch of one: every matmul/conv is real work, nothing is skipped.
+    cfg = ModelConfig(
+        vocab_size=50, n_mels=24, subsampling_channels=4, d_model=32, encoder_layers=2,
+        encoder_heads=2, decoder_layers=2, decoder_d_model=48, decoder_heads=2, dropout=0.0,
+        ctc_weight=0.3, attention_backend="torch",
+    )  # fmt: skip
+    frames, tokens = 203, 11
+    torch.manual_seed(0)
+    model = AEDModel(cfg).eval()
+    segs = Segments.from_lengths([frames]), Segments.from_lengths([tokens])
+    batch = PaddedBatch(
+        features=torch.randn(1, frames, 24), feature_segments=segs[0],
+        tokens=torch.randint(2, 50, (1, tokens)), targets=torch.randint(2, 50, (1, tokens)),
+        token_segments=segs[1], prompt_lengths=(1,),
+    )  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        model(batch)
+    measured = counter.get_total_flops()
+    want = count_flops(cfg, frames, tokens)
+    dense = want.encoder_dense + want.decoder_dense + want.ctc_head
+    attention = want.encoder_attention + want.decoder_attention
+    # torch's counter sees SDPA only on some backends (not on CPU in torch 2.13)
+    assert measured in (dense, dense + attention)
+
+
+def test_budget_planner_recovers_canary_shapes():
+    canary = dict(vocab_size=5248, n_mels=128, subsampling_channels=256, tie_embeddings=False,
+                  ctc_weight=0.0)  # fmt: skip
+    cfg = config_from_budget(880e6, encoder_share=0.91, **canary)
+    assert cfg.d_model == 1024 and abs(count_parameters(cfg).total / 880e6 - 1) < 0.05
+    assert cfg.encoder_layers in range(30, 35) and cfg.decoder_layers in range(3, 6)
+    small = config_from_budget(3.5e6, encoder_share=0.8)
+    total = count_parameters(small)
+    assert abs(total.total / 3.5e6 - 1) < 0.15 and 0.7 < total.encoder / total.total < 0.9
+    with pytest.raises(UserError):
+        config_from_budget(1e6, encoder_share=1.5)
+
+
+def test_preset_overrides_and_unknown_preset():
+    assert preset("tiny", vocab_size=1024).vocab_size == 1024
+    assert ModelConfig.preset("canary-1b-flash").encoder_layers == 32
+    with pytest.raises(UserError, match="unknown model preset"):
+        preset("canary-7b")
+
+
+def test_model_info_command(capsys):
+    assert main(["model", "info", "tiny", "canary-1b-flash"]) == 0
+    out = capsys.readouterr().out
+    assert "canary-1b-flash" in out and "883.0M" in out and "tiny" in out
+    assert main(["model", "info", "--budget", "20M", "--encoder-share", "0.8", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["budget-20M"]
+    assert info["params_total"] == count_parameters(ModelConfig(**info["config"])).total
+    assert info["train_gflops_per_audio_second"] > 0
+    assert main(["model", "info", "nope"]) == 2
+    assert main(["model", "info", "tiny", "--set", "d_model=100"]) == 2  # not divisible by heads
+    assert "error" in capsys.readouterr().err
+
+
+def test_flops_scale_with_layers():
+    cfg = PRESETS["canary-1b"]
+    a = count_flops(cfg, 1000, 44)
+    b = count_flops(replace(cfg, decoder_layers=48), 1000, 44)
+    assert b.encoder_dense == a.encoder_dense and b.decoder_attention == 2 * a.decoder_attention

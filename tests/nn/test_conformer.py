@@ -1,0 +1,166 @@
+import pytest
+import torch
+from torch import nn
+
+from speedasr.data.padding import encoder_length
+from speedasr.nn.conformer import (
+    SUBSAMPLING_RECEPTIVE_FIELD,
+    ConformerEncoder,
+    ConvModule,
+    ConvSubsampling,
+)
+from speedasr.nn.layout import PackedLayout, PaddedLayout
+from speedasr.nn.segments import Segments
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls: extra threads only add contention on shared CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+N_MELS = 20
+
+
+def encoder(layers=2):
+    torch.manual_seed(0)
+    return ConformerEncoder(
+        n_mels=N_MELS, subsampling_channels=4, d_model=16, layers=layers, heads=2, d_ff=32,
+        kernel_size=5, dropout=0.0, attention_backend="torch",
+    ).eval()  # fmt: skip
+
+
+def features(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(lengths), N_MELS, generator=g)
+
+
+def close(a, b):
+    scale = b.detach().abs().max().clamp_min(1.0)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(scale))
+
+
+# Mixed lengths: several shorter than the subsampling receptive field (15 frames), odd and even.
+LENGTHS = [1, 2, 3, 7, 8, 9, 14, 15, 16, 40, 63]
+
+
+def test_subsampling_lengths_follow_the_shared_formula():
+    sub = ConvSubsampling(N_MELS, 4, 8)
+    for n in list(range(0, 33)) + [100, 101, 999]:
+        seg = Segments.from_lengths([n, 5])
+        _, out = sub.forward_packed(torch.randn(n + 5, N_MELS), seg)
+        assert out.lengths == (encoder_length(n), encoder_length(5))
+    assert SUBSAMPLING_RECEPTIVE_FIELD == 15
+
+
+def test_subsampling_packed_equals_alone_and_padded():
+    sub = encoder().subsampling
+    seg = Segments.from_lengths(LENGTHS)
+    x = features(LENGTHS).requires_grad_()
+    y, out_seg = sub.forward_packed(x, seg)
+    # each utterance alone, through plain convolutions (the padded path with B = 1)
+    for xi, yi in zip(seg.split(x), out_seg.split(y), strict=True):
+        alone, _, _ = sub.forward_padded(xi[None], Segments.from_lengths([xi.shape[0]]))
+        close(yi, alone[0])
+    padded, pad_seg, t_out = sub.forward_padded(seg.pad(x), seg)
+    assert t_out == encoder_length(max(LENGTHS))
+    close(pad_seg.unpad(padded), y)
+    # gradients
+    w = torch.randn_like(y)
+    g_packed = torch.autograd.grad((y * w).sum(), x)[0]
+    g_padded = torch.autograd.grad((pad_seg.unpad(padded) * w).sum(), x)[0]
+    close(g_packed, g_padded)
+
+
+def test_zero_length_utterance_gives_zero_frames():
+    sub = encoder().subsampling
+    seg = Segments.from_lengths([5, 0, 9])
+    y, out_seg = sub.forward_packed(features([5, 0, 9]), seg)
+    assert out_seg.lengths == (1, 0, 2) and y.shape[0] == 3
+
+
+def test_depthwise_conv_never_reads_across_utterances():
+    conv = nn.Conv1d(6, 6, 9, padding=4, groups=6)
+    lengths = [1, 4, 13, 2]
+    seg = Segments.from_lengths(lengths)
+    x = torch.randn(sum(lengths), 6)
+    out = PackedLayout(seg).depthwise_conv(x, conv)
+    for xi, oi in zip(seg.split(x), seg.split(out), strict=True):
+        close(oi, conv(xi.t()[None])[0].t())
+    # padded: junk in the padding must not leak in (it is zeroed first)
+    padded = seg.pad(x, value=7.0)
+    out_p = PaddedLayout(seg).depthwise_conv(padded, conv)
+    close(seg.unpad(out_p), out)
+
+
+def test_conv_module_is_zero_safe_after_glu_and_bias():
+    # GLU(bias) makes padded frames non-zero; the padded path must zero them before the conv.
+    torch.manual_seed(0)
+    module = ConvModule(8, 5)
+    nn.init.constant_(module.pointwise_in.bias, 3.0)
+    lengths = [2, 6]
+    seg = Segments.from_lengths(lengths)
+    x = torch.randn(8, 8)
+    packed = module(x, PackedLayout(seg))
+    padded = module(seg.pad(x), PaddedLayout(seg))
+    close(seg.unpad(padded), packed)
+
+
+def test_encoder_uses_no_batch_statistics():
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder().modules())
+
+
+def test_encoder_packed_equals_padded_and_alone_with_gradients():
+    enc = encoder()
+    seg = Segments.from_lengths(LENGTHS)
+    x = features(LENGTHS).requires_grad_()
+    y, layout = enc.forward_packed(x, seg)
+    assert layout.segments.lengths == tuple(encoder_length(n) for n in LENGTHS)
+    y_pad, pad_layout = enc.forward_padded(seg.pad(x), seg)
+    close(layout.segments.unpad(y_pad), y)
+    for xi, yi in zip(seg.split(x), layout.segments.split(y), strict=True):
+        alone, _ = enc.forward_packed(xi, Segments.from_lengths([xi.shape[0]]))
+        close(yi, alone)
+    w = torch.randn_like(y)
+    params = list(enc.parameters())
+    g1 = torch.autograd.grad((y * w).sum(), [x, *params])
+    g2 = torch.autograd.grad((layout.segments.unpad(y_pad) * w).sum(), [x, *params])
+    for a, b in zip(g1, g2, strict=True):
+        close(a, b)
+
+
+def test_perturbing_one_utterance_leaves_others_bit_identical():
+    enc = encoder()
+    lengths = [33, 9, 50, 2]
+    seg = Segments.from_lengths(lengths)
+    x = features(lengths).requires_grad_()
+    y, layout = enc.forward_packed(x, seg)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    x2 = x.detach().clone()
+    x2[33:42] = torch.randn(9, N_MELS) * 5  # utterance 1
+    x2.requires_grad_()
+    y2, _ = enc.forward_packed(x2, seg)
+    (gx2,) = torch.autograd.grad(y2.square().sum(), x2)
+    out_rows = layout.segments.segment_ids != 1
+    in_rows = seg.segment_ids != 1
+    assert torch.equal(y[out_rows], y2[out_rows])
+    assert torch.equal(gx[in_rows], gx2[in_rows])
+    assert not torch.equal(y[~out_rows], y2[~out_rows])
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 14])
+def test_short_utterance_next_to_long_ones(n):
+    # Rule: T < receptive field is computed exactly as if alone (zeros complete the receptive
+    # field, never a neighbour's frames), giving ceil(T / 8) >= 1 encoder frames.
+    enc = encoder()
+    lengths = [40, n, 40]
+    seg = Segments.from_lengths(lengths)
+    x = features(lengths)
+    y, layout = enc.forward_packed(x, seg)
+    mid = layout.segments.split(y)[1]
+    alone, _ = enc.forward_packed(seg.split(x)[1], Segments.from_lengths([n]))
+    assert mid.shape[0] == encoder_length(n) >= 1
+    close(mid, alone)

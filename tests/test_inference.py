@@ -1,0 +1,114 @@
+"""End to end: a tiny model trained for a few dozen steps, then `speedasr eval` / `transcribe`.
+
+The WER test checks reproducibility of the number, not quality: `speedasr eval` on the validation
+cuts must print the WER that training-time validation logged for the same weights and decoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from speedasr.cli import main
+from speedasr.data.tokenizer import Tokenizer
+from speedasr.testing import make_tiny_cuts
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(checkpoint, cuts path, val/wer logged at the last step)."""
+    root = tmp_path_factory.mktemp("trained")
+    cuts = make_tiny_cuts(root / "data", 8, seed=3, speech=True)
+    Tokenizer.train([c.supervisions[0].text for c in cuts], root / "tok", vocab_size=96)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main([
+            "train", f"--out_dir={root / 'exp'}", f"--data.train_cuts={root / 'data/cuts.jsonl.gz'}",
+            f"--data.dev_cuts={root / 'data/cuts.jsonl.gz'}", f"--data.tokenizer={root / 'tok'}",
+            "--data.num_workers=0", "--data.spec_augment.enabled=false",
+            "--sampler.max_duration=12", "--sampler.num_buckets=2", "--sampler.num_token_buckets=1",
+            "--model.d_model=32", "--model.encoder_layers=1", "--model.encoder_heads=2",
+            "--model.decoder_layers=1", "--model.subsampling_channels=8", "--model.dropout=0.0",
+            "--model.attention_backend=torch",
+            "--optim.lr=0.003", "--optim.warmup_steps=5", "--optim.schedule=constant",
+            f"--trainer.max_steps={STEPS}", "--trainer.max_epochs=null",
+            f"--trainer.val_check_interval={STEPS}", "--trainer.check_val_every_n_epoch=null",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+            "--trainer.devices=1", "--monitors.padding=false", "--monitors.gpu=false",
+            "--monitors.throughput=false",
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    metrics = list(csv.DictReader(open(next((root / "exp/logs").glob("version_*/metrics.csv")))))
+    wers = [(int(r["step"]), float(r["val/wer"])) for r in metrics if r.get("val/wer")]
+    assert wers, "validation logged no WER"
+    return root / "exp/checkpoints/last.ckpt", root / "data/cuts.jsonl.gz", wers[-1][1]
+
+
+def test_eval_reproduces_the_training_time_wer(trained, tmp_path, capsys):
+    ckpt, cuts, val_wer = trained
+    out = tmp_path / "summary.json"
+    rows = tmp_path / "utts.jsonl"
+    code = main(["eval", "--ckpt", str(ckpt), "--cuts", str(cuts), "--json", str(out),
+                 "--out", str(rows), "--quiet", "--batch-duration", "5"])  # fmt: skip
+    assert code == 0
+    summary = json.loads(out.read_text())
+    assert summary["wer"] == pytest.approx(val_wer, abs=1e-6)
+    assert summary["utterances"] == 8 and summary["rtfx"] > 0
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert len(lines) == 8 and set(lines[0]) == {"id", "ref", "hyp", "wer"}
+    assert any(line["hyp"] for line in lines)  # a number from real hypotheses, not from silence
+    assert "WER" in capsys.readouterr().out
+
+
+def test_transcribe_cutset_and_audio_files_agree(trained, tmp_path, capsys):
+    ckpt, cuts, _ = trained
+    out = tmp_path / "hyps.jsonl"
+    assert main(["transcribe", "--ckpt", str(ckpt), "--cuts", str(cuts), "--out", str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    by_cut = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+    assert len(by_cut) == 8
+    audio = sorted((cuts.parent / "audio").glob("*.flac"))[:2]
+    capsys.readouterr()
+    assert main(["transcribe", "--ckpt", str(ckpt), "--quiet", "--batch-size", "1",
+                 *map(str, audio)]) == 0  # fmt: skip
+    printed = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    for path in audio:
+        assert printed[str(path)] == by_cut[path.stem]
+
+
+def test_beam_search_from_the_command_line(trained, tmp_path):
+    ckpt, cuts, _ = trained
+    out = tmp_path / "beam.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--cuts", str(cuts), "--json", str(out),
+                 "--quiet", "--beam-size", "3", "--max-utterances", "3"]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["beam_size"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["transcribe", "--ckpt", "x.ckpt"], "either audio files or --cuts"),
+    (["transcribe", "--ckpt", "x.ckpt", "--beam-size", "0", "a.wav"], "beam_size must be >= 1"),
+    (["eval", "--ckpt", "x.ckpt", "--cuts", "c", "--beam-size", "2", "--no-cache"], "use_cache"),
+    (["eval", "--ckpt", "missing.ckpt", "--cuts", "c"], "does not exist"),
+])  # fmt: skip
+def test_bad_input_is_one_line_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_training_validation_decodes_with_the_shared_transcribe_batch():
+    import speedasr.train.module as module
+
+    from speedasr.inference import transcribe_batch
+
+    assert module.transcribe_batch is transcribe_batch
+    assert Path(module.__file__).is_file()
