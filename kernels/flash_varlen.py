@@ -31,7 +31,7 @@ from speedasr.kernels import flash_varlen_kernels as K
 from torch.utils.weak import WeakIdKeyDictionary
 from triton.runtime.jit import JITFunction
 
-__all__ = ["flash_attn_varlen", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd"]
+__all__ = ["flash_attn_varlen", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd", "supports"]
 
 # `triton.jit` reads TRITON_INTERPRET when it decorates the kernels (at import), so ask the kernels
 # what they became rather than the variable, which may have changed since.
@@ -62,6 +62,11 @@ class _Blocks:
     bwd_kv_step: int  # keys per dQ inner step
     num_warps: int = 4
     num_stages: int = 2
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether these kernels handle q's dtype and head dim (``packed_attention``'s auto choice)."""
+    return q.dim() == 3 and q.dtype in SUPPORTED_DTYPES and 1 <= q.shape[-1] <= MAX_HEAD_DIM
 
 
 def _blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
@@ -158,11 +163,24 @@ def _check_inputs(
         _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
 
 
-def _check_offsets(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+def _version(t: torch.Tensor) -> int | None:
+    """In-place writes bump a tensor's version; inference-mode tensors have none (no caching)."""
     try:
-        version = cu._version
-    except RuntimeError:  # inference-mode tensors have no version counter: check every time
-        version = None
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    # Inside CUDA-graph capture the offsets cannot be read back to the host (and tensors made
+    # there live in the graph's private pool), so nothing is checked or cached while capturing.
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_offsets(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    version = _version(cu)
+    if _capturing(cu):
+        return
     if version is not None and _checked_offsets.get(cu) == (version, total, max_seqlen):
         return
     offsets = cu.tolist()
@@ -219,6 +237,29 @@ def _tile_schedule(
     return torch.stack([seq, torch.where(spare, 0, tile)]).to(torch.int32).contiguous()
 
 
+# Tile schedules, built once per batch like the offset checks: they depend only on the offsets,
+# the tile size and the grid, which every layer of a model shares.
+_schedules: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _schedule(
+    cu: torch.Tensor, cu_other: torch.Tensor, block: int, num_programs: int, heavy_last: bool
+) -> torch.Tensor:
+    # Which tiles exist depends on `cu` alone; `cu_other` only orders them. So even a stale id of
+    # a freed `cu_other` could only cost load balance, never correctness.
+    key = (_version(cu), id(cu_other), _version(cu_other), block, num_programs, heavy_last)
+    cacheable = None not in key and not _capturing(cu)
+    if cacheable and key in _schedules.get(cu, {}):
+        return _schedules[cu][key]
+    sched = _tile_schedule(cu, cu_other, block, num_programs, heavy_last)
+    if cacheable:
+        per_offsets = _schedules.setdefault(cu, {})
+        if len(per_offsets) >= 16:  # stale versions of offsets modified in place
+            per_offsets.clear()
+        per_offsets[key] = sched
+    return sched
+
+
 def _num_programs(total: int, num_seqs: int, max_seqlen: int, block: int) -> int:
     # Two upper bounds on sum(cdiv(len_i, block)); the smaller wastes fewer programs.
     return min(triton.cdiv(total, block) + num_seqs, num_seqs * triton.cdiv(max_seqlen, block))
@@ -234,7 +275,7 @@ def _launch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     n_prog = _num_programs(total_q, num_seqs, max_q, blocks.fwd_m)
     if n_prog == 0 or heads == 0:
         return out, lse
-    sched = _tile_schedule(cu_q, cu_k, blocks.fwd_m, n_prog, heavy_last=causal)
+    sched = _schedule(cu_q, cu_k, blocks.fwd_m, n_prog, heavy_last=causal)
     K.fwd_kernel[(n_prog, heads)](
         q, k, v, out, lse, cu_q, cu_k, sched,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -278,7 +319,7 @@ def _launch_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     n_prog = _num_programs(total_k, num_seqs, max_k, blocks.bwd_kv)
     if n_prog > 0:
         # Causal key tiles are heaviest first-to-last (early keys are seen by more queries).
-        sched = _tile_schedule(cu_k, cu_q, blocks.bwd_kv, n_prog, heavy_last=False)
+        sched = _schedule(cu_k, cu_q, blocks.bwd_kv, n_prog, heavy_last=False)
         K.bwd_dkdv_kernel[(n_prog, heads)](
             q, k, v, d_out, lse, delta, dk, dv, cu_q, cu_k, sched,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -290,7 +331,7 @@ def _launch_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
 
     n_prog = _num_programs(total_q, num_seqs, max_q, blocks.bwd_q)
     if n_prog > 0:
-        sched = _tile_schedule(cu_q, cu_k, blocks.bwd_q, n_prog, heavy_last=causal)
+        sched = _schedule(cu_q, cu_k, blocks.bwd_q, n_prog, heavy_last=causal)
         K.bwd_dq_kernel[(n_prog, heads)](
             q, k, v, d_out, lse, delta, dq, cu_q, cu_k, sched,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

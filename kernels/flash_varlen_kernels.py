@@ -19,8 +19,8 @@ and a new batch never triggers recompilation.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634  # scores are kept in log2 units so exp2 can be used
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units so exp2 can be used
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -119,7 +119,7 @@ def fwd_kernel(
     diag = len_k - len_q
     hi = len_k
     if CAUSAL:
-        hi = tl.minimum(len_k, (tile + 1) * BLOCK_M + diag - 1)
+        hi = tl.minimum(len_k, (tile + 1) * BLOCK_M + diag)
     full_end = _full_key_blocks_end(tile * BLOCK_M, len_k, diag, CAUSAL, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)

@@ -31,7 +31,7 @@ class TrainerConfig:
     num_nodes: int = 1
     """Nodes (multi-node via torchrun or SLURM)."""
     strategy: str = "auto"
-    """auto, ddp, fsdp."""
+    """auto, ddp, fsdp (or any Lightning strategy name); see docs/distributed.md."""
     precision: str = "32-true"
     """32-true, bf16-mixed, 16-mixed."""
     gradient_clip_val: float | None = 1.0
@@ -63,6 +63,17 @@ class MonitorsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When checkpoints are written (``out_dir/checkpoints``; ``last.ckpt`` is always kept)."""
+
+    every_n_steps: int | None = None
+    """Also save every N optimizer steps, mid-epoch (``step{N}.ckpt``): what a crashed run resumes
+    from. None: only at validation and at the end of each epoch."""
+    keep: int = 2
+    """Step checkpoints kept (the newest); -1 keeps all."""
+
+
+@dataclass
 class TrainConfig:
     """A whole training run."""
 
@@ -84,3 +95,8 @@ class TrainConfig:
     """Lightning Trainer settings."""
     monitors: MonitorsConfig = field(default_factory=MonitorsConfig)
     """Profiling callbacks."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint schedule."""
+    record_batches: bool = False
+    """Append the cut ids of every training batch to ``out_dir/batches_rank{R}.jsonl`` (audit
+    trail: which cuts each rank trained on, in order)."""

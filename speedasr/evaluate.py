@@ -117,6 +117,6 @@ def run(args: argparse.Namespace) -> int:
         }  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    for ref, hyp in list(zip(result.refs, result.hyps))[:3]:
+    for ref, hyp in list(zip(result.refs, result.hyps, strict=True))[:3]:
         print(f"  ref: {normalize_text(ref, **norm)}\n  hyp: {normalize_text(hyp, **norm)}")
     return 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from lhotse import CutSet, Recording
@@ -27,7 +27,7 @@ from speedasr.errors import UserError
 def batch_prompts(batch: PackedBatch) -> list[list[int]]:
     """The prompt ids at the start of each utterance's decoder input."""
     seqs = batch.token_segments.split(batch.tokens)
-    return [seq[:p].tolist() for seq, p in zip(seqs, batch.prompt_lengths)]
+    return [seq[:p].tolist() for seq, p in zip(seqs, batch.prompt_lengths, strict=True)]
 
 
 @torch.no_grad()
@@ -52,9 +52,7 @@ def iterate_batches(
 ) -> Iterator[PackedBatch]:  # fmt: skip
     """Packed, unaugmented batches of ``cuts`` in order (features computed in this process)."""
     dataset = AsrDataset(tokenizer, layout="packed")
-    sampler = DynamicCutSampler(
-        cuts, max_duration=batch_duration, max_cuts=max_cuts, shuffle=False
-    )
+    sampler = DynamicCutSampler(cuts, max_duration=batch_duration, max_cuts=max_cuts, shuffle=False)
     for batch_cuts in sampler:
         yield dataset[batch_cuts].to(device)
 
@@ -83,18 +81,30 @@ def cuts_from_audio(paths: Iterable[str], language: str = "en") -> CutSet:
     return CutSet.from_cuts(cuts)
 
 
-# --- command-line pieces shared with `speedasr eval` -----------------------------------------------
+# --- command-line pieces shared with `speedasr eval` ----------------------------------------------
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
     group.add_argument("--beam-size", type=int, default=1, help="1 = greedy search (default)")
-    group.add_argument("--length-penalty", type=float, default=1.0,
-                       help="beam ranking: logprob / length**penalty (1 = per-token mean)")
-    group.add_argument("--max-len", type=int, default=None,
-                       help="most tokens per utterance (default: 8 + 10 per second of audio)")
-    group.add_argument("--no-cache", action="store_true",
-                       help="reference decoding without KV cache (slow; greedy only)")
-    group.add_argument("--batch-duration", type=float, default=200.0,
-                       help="seconds of audio per batch")
+    group.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam ranking: logprob / length**penalty (1 = per-token mean)",
+    )
+    group.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="most tokens per utterance (default: 8 + 10 per second of audio)",
+    )
+    group.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="reference decoding without KV cache (slow; greedy only)",
+    )
+    group.add_argument(
+        "--batch-duration", type=float, default=200.0, help="seconds of audio per batch"
+    )
     group.add_argument("--batch-size", type=int, default=None, help="most utterances per batch")
     group.add_argument("--device", default="cpu")  # fmt: skip
 

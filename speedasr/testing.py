@@ -18,7 +18,7 @@ import numpy as np
 
 def tiny_texts(n: int, seed: int = 0, max_words: int = 12) -> list[str]:
     """`n` sentences from the embedded corpus grammar (lowercase, no punctuation)."""
-    from speedasr.data.corpus import SentenceGenerator
+    from speedasr.data.sentences import SentenceGenerator
 
     rng = random.Random(f"speedasr-testing-{seed}")
     generator = SentenceGenerator(rng)
@@ -141,8 +141,8 @@ def make_metadata_cuts(
     raises; see `speedasr.data.importers.metadata_only_cut`."""
     from lhotse import CutSet
 
-    from speedasr.data.corpus import SentenceGenerator
     from speedasr.data.importers import metadata_only_cut
+    from speedasr.data.sentences import SentenceGenerator
 
     rng = random.Random(f"speedasr-metadata-{seed}")
     generator = SentenceGenerator(rng)

@@ -104,7 +104,7 @@ def test_bad_arguments():
     assert greedy_decode(m, features(), seg, PROMPTS, EOT, 0) == [[], [], []]
 
 
-# --- strategies and the KV cache -------------------------------------------------------------------
+# --- strategies and the KV cache ------------------------------------------------------------------
 from speedasr.decoding import (  # noqa: E402
     DecodingOptions,
     KVCache,
@@ -158,7 +158,9 @@ def test_cached_greedy_equals_uncached_greedy(make, seed):
     x = features(seed)
     for max_len in (1, 4, 12):
         cached = decode(m, x, seg, PROMPTS, EOT, DecodingOptions(max_len=max_len))
-        uncached = decode(m, x, seg, PROMPTS, EOT, DecodingOptions(max_len=max_len, use_cache=False))
+        uncached = decode(
+            m, x, seg, PROMPTS, EOT, DecodingOptions(max_len=max_len, use_cache=False)
+        )
         assert cached == uncached
         assert all(len(h) <= max_len and EOT not in h for h in cached)
 

@@ -26,12 +26,13 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     cuts = make_tiny_cuts(root / "data", 8, seed=3, speech=True)
     Tokenizer.train([c.supervisions[0].text for c in cuts], root / "tok", vocab_size=96)
+    cuts_path = root / "data/cuts.jsonl.gz"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         code = main([
-            "train", f"--out_dir={root / 'exp'}", f"--data.train_cuts={root / 'data/cuts.jsonl.gz'}",
-            f"--data.dev_cuts={root / 'data/cuts.jsonl.gz'}", f"--data.tokenizer={root / 'tok'}",
+            "train", f"--out_dir={root / 'exp'}", f"--data.train_cuts={cuts_path}",
+            f"--data.dev_cuts={cuts_path}", f"--data.tokenizer={root / 'tok'}",
             "--data.num_workers=0", "--data.spec_augment.enabled=false",
             "--sampler.max_duration=12", "--sampler.num_buckets=2", "--sampler.num_token_buckets=1",
             "--model.d_model=32", "--model.encoder_layers=1", "--model.encoder_heads=2",
@@ -107,7 +108,6 @@ def test_bad_input_is_one_line_error(argv, message, capsys):
 
 def test_training_validation_decodes_with_the_shared_transcribe_batch():
     import speedasr.train.module as module
-
     from speedasr.inference import transcribe_batch
 
     assert module.transcribe_batch is transcribe_batch

@@ -210,8 +210,11 @@ class BucketBins:
         """Write atomically: data-parallel ranks may estimate and save the same file at once."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        rows = ",\n    ".join(json.dumps(b) for b in data.pop("buckets"))  # one bucket a line
+        head = json.dumps(data, indent=2)[:-2]
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.write_text(f'{head},\n  "buckets": [\n    {rows}\n  ]\n}}\n')
         os.replace(tmp, path)
 
     @classmethod

@@ -26,9 +26,9 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
+from speedasr.data.sentences import SentenceGenerator
 from speedasr.errors import UserError
 
 SPLITS = ("train", "dev", "test")
@@ -44,8 +44,8 @@ DURATION_RANGE = (0.8, 30.0)
 
 ACCENTS = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029")
 # eSpeak voice variants, 7 male and 7 female. Variants with a "breath" setting (f2, f3, f5, ...) are
-# left out: their output varies from run to run in a process that has imported torch (the breath
-# noise filter appears to read uninitialized memory), which would break determinism.
+# left out: their samples vary from run to run even when synthesized from a pristine engine state
+# with rand() seeded (the breath filter seems to read uninitialized memory), breaking determinism.
 VARIANTS = (
     "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f4", "Annie", "linda", "belinda", "anika",
     "Andrea",
@@ -58,211 +58,6 @@ INTONATION_RANGE = (30, 80)  # eSpeak pitch range, 0..100
 # seconds = (letters * A + words * B + pauses * C) * 175 / rate + D, after silence trimming.
 _EST_LETTER, _EST_WORD, _EST_PAUSE, _EST_CONST = 0.0487, 0.0483, 0.0568, 0.1200
 EDGE_SILENCE = 0.1  # seconds of silence kept before and after speech when trimming
-
-
-# ---------------------------------------------------------------------------------------------
-# Sentence generator
-# ---------------------------------------------------------------------------------------------
-
-
-def _regular_second_form(word: str, section: str) -> str:
-    """Plural of a noun or past tense of a verb by the regular English rules."""
-    verb = section in ("transitive", "intransitive", "motion", "say")
-    if word.endswith(("s", "x", "z", "ch", "sh")) and not verb:
-        return word + "es"
-    if word.endswith("y") and word[-2:-1] not in "aeiou":
-        return word[:-1] + ("ied" if verb else "ies")
-    if verb:
-        return word + ("d" if word.endswith("e") else "ed")
-    return word + "s"
-
-
-@lru_cache(maxsize=1)
-def word_lists() -> dict[str, list[tuple[str, str]]]:
-    """Sections of assets/corpus_words.txt as (base, second form) pairs, multi-word entries joined
-    by spaces. The second form is the plural (nouns) or the past tense (verbs)."""
-    path = Path(__file__).parent / "assets" / "corpus_words.txt"
-    sections: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line.startswith("["):
-            current = line.strip("[]")
-            sections[current] = []
-            continue
-        for entry in line.split():
-            base, _, form = entry.partition(":")
-            form = form or _regular_second_form(base, current)
-            pair = (base.replace("_", " "), form.replace("_", " "))
-            if pair not in sections[current]:
-                sections[current].append(pair)
-    return sections
-
-
-def vocabulary() -> list[str]:
-    """Every word the sentence generator can produce, sorted."""
-    words = set(_FUNCTION_WORDS.split())
-    for pairs in word_lists().values():
-        for base, form in pairs:
-            words.update(base.split())
-            words.update(form.split())
-    return sorted(words)
-
-
-_SUBJECT_PRONOUNS = ("i", "you", "he", "she", "we", "they")
-_OBJECT_PRONOUNS = ("me", "you", "him", "her", "us", "them")
-_DET_SINGULAR = ("the", "the", "the", "a", "a", "this", "that", "my", "your", "his", "her", "our")
-_DET_PLURAL = ("the", "the", "some", "many", "these", "those", "our", "their", "all the")
-_MODALS = ("will", "can", "should", "must", "might", "could", "would")
-_CONJUNCTIONS = ("and", "but", "because", "so", "while", "when", "after", "before", "although")
-_FUNCTION_WORDS = (
-    " ".join(_SUBJECT_PRONOUNS + _OBJECT_PRONOUNS + _DET_SINGULAR + _DET_PLURAL + _MODALS)
-    + " "
-    + " ".join(_CONJUNCTIONS)
-    + " an to that was were is are very so too did do not where why what please there on"
-    + " in at with for of one"
-)
-
-
-class SentenceGenerator:
-    """Random English sentences from a small grammar. Each sentence is a list of lowercase words."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.words = word_lists()
-        self.templates = (
-            self.transitive, self.transitive, self.intransitive, self.motion, self.there_is,
-            self.copula, self.reported, self.question, self.modal, self.counting, self.compound,
-            self.imperative,
-        )  # fmt: skip
-
-    def pick(self, section: str, second_form: bool = False) -> str:
-        base, form = self.rng.choice(self.words[section])
-        return form if second_form else base
-
-    def maybe(self, p: float) -> bool:
-        return self.rng.random() < p
-
-    # -- phrases -----------------------------------------------------------------------------
-
-    def noun_phrase(self, sections=("people", "animals", "things"), plural=None, det=None):
-        """`det [adj [adj]] noun` as words; plural when `plural` (random when None); a random
-        determiner when `det` is None, none when it is ""."""
-        plural = self.maybe(0.25) if plural is None else plural
-        words = [self.pick("adjectives") for _ in range(self.maybe(0.4) + self.maybe(0.1))]
-        words.append(self.pick(self.rng.choice(sections), second_form=plural))
-        if det is None:
-            det = self.rng.choice(_DET_PLURAL if plural else _DET_SINGULAR)
-        if det == "a" and words[0][0] in "aeiou":
-            det = "an"
-        return det.split() + words
-
-    def subject(self) -> tuple[list[str], bool]:
-        """A subject and whether it takes plural agreement (were vs was)."""
-        r = self.rng.random()
-        if r < 0.25:
-            pronoun = self.rng.choice(_SUBJECT_PRONOUNS)
-            return [pronoun], pronoun in ("you", "we", "they")
-        if r < 0.4:
-            return [self.pick("names")], False
-        plural = self.maybe(0.25)
-        return self.noun_phrase(("people", "animals"), plural), plural
-
-    def object(self) -> list[str]:
-        r = self.rng.random()
-        if r < 0.15:
-            return [self.rng.choice(_OBJECT_PRONOUNS)]
-        if r < 0.25:
-            return [self.pick("names")]
-        words = self.noun_phrase(("things", "things", "animals", "people"))
-        if self.maybe(0.2):
-            words += self.place_phrase()
-        return words
-
-    def place_phrase(self) -> list[str]:
-        preposition = self.pick("prepositions")
-        return preposition.split() + self.noun_phrase(("places", "things"), plural=False)
-
-    def extras(self, p_place: float = 0.3, p_time: float = 0.3) -> list[str]:
-        words = self.place_phrase() if self.maybe(p_place) else []
-        return words + (self.pick("times").split() if self.maybe(p_time) else [])
-
-    # -- sentence templates ------------------------------------------------------------------
-
-    def transitive(self) -> list[str]:
-        subject, _ = self.subject()
-        return subject + [self.pick("transitive", True)] + self.object() + self.extras()
-
-    def intransitive(self) -> list[str]:
-        subject, _ = self.subject()
-        adverb = [self.pick("adverbs")] if self.maybe(0.4) else []
-        return subject + [self.pick("intransitive", True)] + adverb + self.extras(0.4)
-
-    def motion(self) -> list[str]:
-        subject, _ = self.subject()
-        place = ["to"] + self.noun_phrase(("places",), plural=False)
-        return subject + self.pick("motion", True).split() + place + self.extras(0.0, 0.5)
-
-    def there_is(self) -> list[str]:
-        sections = ("things", "animals", "people")
-        if self.maybe(0.5):
-            return ["there", "was"] + self.noun_phrase(sections, False, "a") + self.place_phrase()
-        count = self.pick("numbers")
-        noun = self.noun_phrase(sections, plural=True, det="")
-        return ["there", "were", count] + noun + self.place_phrase()
-
-    def copula(self) -> list[str]:
-        subject, plural = self.subject()
-        verb = "were" if plural else "was"
-        degree = [self.rng.choice(("very", "so", "too", "really"))] if self.maybe(0.4) else []
-        return subject + [verb] + degree + [self.pick("adjectives")] + self.extras(0.2, 0.3)
-
-    def reported(self) -> list[str]:
-        subject, _ = self.subject()
-        clause = self.rng.choice((self.transitive, self.intransitive, self.copula, self.motion))
-        return subject + self.pick("say", True).split() + ["that"] + clause()
-
-    def question(self) -> list[str]:
-        r = self.rng.random()
-        subject, _ = self.subject()
-        if r < 0.5:
-            return ["did"] + subject + [self.pick("transitive")] + self.object() + self.extras(0.2)
-        if r < 0.75:
-            return ["where", "did"] + subject + [self.pick("motion")] + self.extras(0.0, 0.4)
-        return ["why", "was", "the", self.pick("things"), "so", self.pick("adjectives")]
-
-    def modal(self) -> list[str]:
-        subject, _ = self.subject()
-        negation = ["not"] if self.maybe(0.2) else []
-        verb = [self.pick("transitive")] + self.object()
-        return subject + [self.rng.choice(_MODALS)] + negation + verb + self.extras(0.2)
-
-    def counting(self) -> list[str]:
-        subject, _ = self.subject()
-        verb = self.rng.choice(("bought", "found", "saw", "needed", "sold", "counted", "brought"))
-        words = subject + [verb, self.pick("numbers")]
-        words += self.noun_phrase(("things", "animals"), plural=True, det="")
-        if self.maybe(0.4):
-            words += ["and", self.pick("numbers")]
-            words += self.noun_phrase(("things", "animals"), plural=True, det="")
-        return words + self.extras(0.2, 0.3)
-
-    def compound(self) -> list[str]:
-        simple = (self.transitive, self.intransitive, self.copula, self.motion)
-        first, second = self.rng.choice(simple)(), self.rng.choice(simple)()
-        # The comma is only for eSpeak's prosody; transcripts drop punctuation.
-        return first[:-1] + [first[-1] + ","] + [self.rng.choice(_CONJUNCTIONS)] + second
-
-    def imperative(self) -> list[str]:
-        please = ["please"] if self.maybe(0.5) else []
-        verb = self.pick("transitive")
-        return please + [verb] + self.noun_phrase(("things",)) + self.extras(0.4, 0.0)
-
-    def short(self) -> list[str]:
-        return self.pick("short").split()
-
-    def sentence(self) -> list[str]:
-        return self.rng.choice(self.templates)()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +284,8 @@ def synthesize_corpus(
 
     hours: approximate train hours (dev and test add 5/90 of its utterances each, at least
     `min_eval_utterances`). A directory that already holds the same corpus is left as it is.
+    Synthesis runs in `workers` spawned processes: scripts calling this need the usual
+    ``if __name__ == "__main__":`` guard.
     """
     from lhotse import CutSet
     from tqdm import tqdm
@@ -505,8 +302,7 @@ def synthesize_corpus(
         "min_eval_utterances": min_eval_utterances,
     }
     try:
-        for split in SPLITS:
-            (out / "audio" / split).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
@@ -518,6 +314,8 @@ def synthesize_corpus(
         if progress:
             print(f"corpus in '{out}' is complete (seed {seed}, {hours} h); nothing to do")
         return {**paths, "stats": existing["stats"]}
+    for split in SPLITS:
+        (out / "audio" / split).mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     plans = plan_corpus(hours, seed, min_eval_utterances)

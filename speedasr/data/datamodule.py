@@ -1,10 +1,10 @@
-"""LightningDataModule: validated cutsets -> sampler (packed by default) -> ``AsrDataset`` batches."""
+"""LightningDataModule: validated cutsets -> sampler (packed by default) -> batches."""
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ from speedasr.data.dataset import AsrDataset, SpecAugmentConfig
 from speedasr.data.manifests import ValidationReport, load_cuts, validate_cuts
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
+from speedasr.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,22 @@ class DataConfig:
     """Use only the first N validation cuts (None: all)."""
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
     """SpecAugment for training batches."""
+    allow_command_sources: bool = False
+    """Accept cuts whose audio lhotse loads by running a shell command (``command`` sources,
+    ``pipe:`` URLs). Off: such cuts are rejected (reason command_source) and never run. Turn on
+    only for manifests you wrote yourself."""
 
 
 class AsrDataModule(pl.LightningDataModule):
     """Builds train/validation dataloaders from ``DataConfig`` + ``SamplerConfig``.
 
-    The sampler's state (position in the epoch, RNG) is saved in checkpoints through
-    ``state_dict``/``load_state_dict`` so a resumed run continues with the batches that would have
-    come next.
+    Exact resume: the checkpoint holds ``(epoch, batches consumed in the epoch)``, counted by
+    ``speedasr.train.progress.TrainingProgress`` through ``batch_started`` (not the sampler's own
+    position, which runs ahead of training by the batches the DataLoader prefetched). On resume a
+    fresh sampler of the same seed replays that epoch and skips that many batches (metadata only,
+    no audio is read), so training continues with exactly the batches that would have come next.
+    Each batch also carries a seed derived from ``(seed, epoch, index, rank)`` for its
+    augmentation, so the features of a batch do not depend on which worker made them.
     """
 
     def __init__(
@@ -68,8 +77,9 @@ class AsrDataModule(pl.LightningDataModule):
         self.train_cuts: CutSet | None = None
         self.dev_cuts: CutSet | None = None
         self.reports: dict[str, ValidationReport] = {}
-        self._train_sampler = None
-        self._pending_sampler_state: dict[str, Any] | None = None
+        self._train_sampler: ResumableSampler | None = None
+        self.progress = {"epoch": -1, "batches": 0}  # training batches consumed, current epoch
+        self._resume_state: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_cuts is None and stage in (None, "fit"):
@@ -83,7 +93,10 @@ class AsrDataModule(pl.LightningDataModule):
     def _load(self, name: str, path: str) -> CutSet:
         cuts = load_cuts(path)
         accepted, report = validate_cuts(
-            cuts, max_duration=self.cfg.max_duration, check_audio=self.cfg.check_audio
+            cuts,
+            max_duration=self.cfg.max_duration,
+            check_audio=self.cfg.check_audio,
+            allow_command_sources=self.cfg.allow_command_sources,
         )
         self.reports[name] = report
         if self.report_dir is not None:
@@ -96,15 +109,19 @@ class AsrDataModule(pl.LightningDataModule):
         trainer = self.trainer
         world_size = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        self._train_sampler = build_sampler(
+        sampler = build_sampler(
             self.train_cuts, self.sampler_cfg, self.tokenizer,
             world_size=world_size, rank=rank, seed=self.seed,
         )  # fmt: skip
-        if self._pending_sampler_state is not None:
-            self._train_sampler.load_state_dict(self._pending_sampler_state)
-            self._pending_sampler_state = None
-        dataset = AsrDataset(self.tokenizer, layout=self.cfg.layout, spec_augment=self.cfg.spec_augment)
-        return self._loader(dataset, self._train_sampler)
+        self._train_sampler = ResumableSampler(sampler, seed=self.seed, rank=rank)
+        if self._resume_state is not None:
+            self._check_resume(self._resume_state, world_size)
+            self._train_sampler.skip(self.progress["epoch"], self.progress["batches"])
+            self._resume_state = None
+        dataset = AsrDataset(
+            self.tokenizer, layout=self.cfg.layout, spec_augment=self.cfg.spec_augment
+        )
+        return self._loader(SeededBatches(dataset), self._train_sampler)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if self.dev_cuts is None:
@@ -115,12 +132,15 @@ class AsrDataModule(pl.LightningDataModule):
         return self._loader(AsrDataset(self.tokenizer, layout=self.cfg.layout), sampler)
 
     def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+        # A private generator: otherwise every ``iter(loader)`` draws its worker base seed from
+        # torch's global generator, which would shift dropout after a resume.
         return torch.utils.data.DataLoader(
             dataset,
             sampler=sampler,
             batch_size=None,
             num_workers=self.cfg.num_workers,
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -128,9 +148,151 @@ class AsrDataModule(pl.LightningDataModule):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    # Exact resume: Lightning stores this in the checkpoint's "datamodule" state.
+    def explain_skipped(self, cut_ids: list[str]) -> ValidationReport:
+        """Reasons why these training cuts failed to load mid-training (loads each again once:
+        the dataset, in a worker process, only reports which cuts it left out)."""
+        report = ValidationReport(check_audio="during training")
+        wanted = set(cut_ids)
+        cuts = {c.id: c for c in (self.train_cuts or []) if c.id in wanted}
+        dataset = AsrDataset(self.tokenizer, layout=self.cfg.layout)
+        for cut_id in cut_ids:
+            report.total += 1
+            cut = cuts.get(cut_id)
+            if cut is None:
+                report.add_reject(cut_id, "corrupt_audio", "failed to load (cut not found again)")
+                continue
+            try:
+                dataset.features(cut)
+            except Exception as e:
+                report.add_reject(cut_id, *_load_failure_reason(e))
+            else:  # a transient failure (e.g. network storage): loads fine now
+                report.add_reject(cut_id, "corrupt_audio", "failed to load during training only")
+        return report
+
+    # --- exact resume ---------------------------------------------------------------------------
+    def batch_started(self, epoch: int) -> int:
+        """A training step starts on the next batch of ``epoch``; returns its index in the epoch."""
+        if epoch != self.progress["epoch"]:
+            self.progress = {"epoch": epoch, "batches": 0}
+        index = self.progress["batches"]
+        self.progress["batches"] += 1
+        return index
+
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self._train_sampler.state_dict()} if self._train_sampler else {}
+        """Saved by Lightning in every checkpoint (plain values: loads with weights_only)."""
+        trainer = self.trainer
+        return {
+            "progress": dict(self.progress),
+            "seed": self.seed,
+            "world_size": trainer.world_size if trainer is not None else 1,
+            "sampler": sampler_fingerprint(self.sampler_cfg),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending_sampler_state = state.get("sampler")
+        if "progress" not in state:
+            raise UserError(
+                "the checkpoint's data state is not from this version of speedasr "
+                f"(keys {sorted(state)}); it cannot resume the data exactly"
+            )
+        self.progress = dict(state["progress"])
+        self._resume_state = state
+
+    def _check_resume(self, state: dict[str, Any], world_size: int) -> None:
+        """Resuming mid-epoch replays the epoch's batches: anything that changes them is an
+        error, named, rather than a silently different run."""
+        problems = []
+        if state["seed"] != self.seed:
+            problems.append(f"seed {state['seed']} -> {self.seed}")
+        if state["world_size"] != world_size:
+            problems.append(f"world size {state['world_size']} -> {world_size}")
+        now = sampler_fingerprint(self.sampler_cfg)
+        changed = sorted(
+            k for k in set(now) | set(state["sampler"]) if now.get(k) != state["sampler"].get(k)
+        )
+        problems += [f"sampler.{k} {state['sampler'].get(k)!r} -> {now.get(k)!r}" for k in changed]
+        if problems and self.progress["batches"] > 0:
+            raise UserError(
+                "cannot resume mid-epoch: the checkpoint was made with different data settings ("
+                + "; ".join(problems)
+                + "). Restore them, or resume from a checkpoint saved at the end of an epoch."
+            )
+
+
+def _load_failure_reason(e: Exception) -> tuple[str, str]:
+    """A ``manifests.REASONS`` reason and a detail for an audio loading exception."""
+    detail = f"{type(e).__name__}: {e}"[:300]
+    text = str(e).lower()
+    if isinstance(e, FileNotFoundError) or "no such file" in text or "not exist" in text:
+        return "missing_audio", detail
+    if "nan" in text or "inf " in text or "non-finite" in text:
+        return "non_finite_samples", detail
+    if "hz" in text or "sampling rate" in text or "num_samples" in text or "mismatch" in text:
+        return "header_mismatch", detail
+    return "corrupt_audio", detail
+
+
+def sampler_fingerprint(cfg: SamplerConfig) -> dict[str, Any]:
+    """The sampler settings that decide which batches an epoch has (plain values)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a lhotse sampler: yields ``(cuts, batch_seed)`` and can skip the first batches of
+    an epoch once (exact resume). ``set_epoch`` is forwarded, so Lightning's per-epoch call works.
+    """
+
+    def __init__(self, sampler, seed: int, rank: int) -> None:
+        self.sampler = sampler
+        self.seed, self.rank = seed, rank
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def skip(self, epoch: int, batches: int) -> None:
+        """The next iteration over ``epoch`` starts after its first ``batches`` batches."""
+        self._skip = (epoch, batches)
+
+    def __iter__(self):
+        from speedasr.train.progress import batch_seed
+
+        skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
+        self._skip = None
+        for index, cuts in enumerate(iter(self.sampler)):
+            if index >= skip:
+                yield cuts, batch_seed(self.seed, self.epoch, index, self.rank)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getattr__(self, name: str):  # diagnostics, rejected, ... of the wrapped sampler
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+class SeededBatches(torch.utils.data.Dataset):
+    """Runs a lhotse-style dataset on ``(cuts, seed)`` with torch, NumPy and Python's generators
+    seeded for that batch (and restored after), so augmentation is a function of the batch."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, item):
+        import random
+
+        import numpy as np
+
+        cuts, seed = item
+        saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are not touched
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            return self.dataset[cuts]
+        finally:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])

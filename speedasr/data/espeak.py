@@ -158,6 +158,18 @@ def trim_silence(samples: np.ndarray, sample_rate: int, margin: float) -> np.nda
     return samples[max(0, loud[0] - keep) : loud[-1] + 1 + keep]
 
 
+def _next_smooth(n: int) -> int:
+    """Smallest integer >= n with no prime factor above 7."""
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
 def resample(
     samples: np.ndarray, from_rate: int, to_rate: int, rolloff: float = 0.95
 ) -> np.ndarray:
@@ -175,7 +187,7 @@ def resample(
     g = math.gcd(from_rate, to_rate)
     up, down = to_rate // g, from_rate // g
     n_out = -(-len(samples) * up // down)
-    periods = -(-len(samples) // down)
+    periods = _next_smooth(-(-len(samples) // down))  # 7-smooth sizes keep the FFTs fast
     n_in_padded, n_out_padded = periods * down, periods * up
     spectrum = np.fft.rfft(samples.astype(np.float64), n_in_padded)
     bins = n_out_padded // 2 + 1

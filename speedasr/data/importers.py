@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 METADATA_SAMPLE_RATE = 16000
 # Source path of metadata-only recordings: a relative path that is never created by anything.
-METADATA_ONLY_SOURCE = "<metadata-only: no audio>/{id}"
+METADATA_ONLY_PREFIX = "<metadata-only: no audio>/"
+METADATA_ONLY_SOURCE = METADATA_ONLY_PREFIX + "{id}"
 TSV_HEADER = ("utt_id", "duration_seconds", "text")
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from speedasr.data.importers import METADATA_ONLY_PREFIX
 from speedasr.errors import UserError
 
 # Rejection reasons, in the order they are checked.
@@ -214,7 +215,10 @@ def _check_header(recording, cache: dict) -> tuple[str, str] | None:
         key = source.source if source.type == "file" else id(source)
         if key not in cache:
             if source.type == "file" and not Path(source.source).is_file():
-                cache[key] = ("missing_audio", f"no file '{source.source}'")
+                hint = ""
+                if source.source.startswith(METADATA_ONLY_PREFIX):
+                    hint = " (metadata-only cut: validate it with check_audio none)"
+                cache[key] = ("missing_audio", f"no file '{source.source}'{hint}")
             else:
                 try:
                     cache[key] = _read_header(source)

@@ -14,9 +14,12 @@ attention score matrices (which packed attention computes per utterance, so they
 A quadratic term doubles the cost of an utterance when its length equals the term's constant, as
 lhotse's ``quadratic_duration``. With none set, ``max_duration`` is the real audio per batch.
 
-Packed mode still draws each batch from one 2D bucket, so kernels see similar shapes; a batch is
-complete when one more cut of its bucket's largest shape might not fit, so the budget is never
-exceeded.
+Packed mode still draws each batch from one 2D bucket, so memory per batch is predictable and
+kernels see similar shapes. With lhotse's batchers a batch is complete when one more cut of its
+bucket's largest shape might not fit; the speedasr sampler (``speedasr.data.sampling``) then tries
+a few more of the bucket's actual cuts with ``try_add``, and tops a batch up from neighbouring
+buckets when its own runs out (end of epoch): mixing buckets never pads. The budget is never
+exceeded either way.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ current epoch: cuts are never dropped silently. ``state_dict``/``load_state_dict
 mid-epoch, in every mode (lhotse 1.33 refuses ``state_dict`` with a custom constraint; the 2D
 sampler saves the constraint's configuration instead). In data-parallel training every rank
 iterates the same sequence and keeps every ``world_size``-th batch, with the bucket choice
-synchronized across ranks (lhotse's mechanism), so step counts are equal.
+synchronized across ranks (lhotse's mechanism), so step counts are equal; at the last step, if
+fewer cuts than ranks are left, lhotse repeats one (its id gets a ``_dup`` suffix) so that every
+rank has a batch.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
 
 Mode = Literal["packed", "bucket2d", "bucket1d", "random"]
+LAZY_BINS_ESTIMATE_CUTS = 100_000
+"""Bins of a lazy cutset (possibly endless) are estimated from this many cuts unless told."""
 
 
 @dataclass
@@ -83,7 +87,8 @@ class SamplerConfig:
     bins: str | None = None
     """2D modes: bins JSON (``speedasr bins``); loaded if it exists, else estimated, saved there."""
     num_cuts_for_bins_estimate: int | None = None
-    """2D modes: estimate bins from the first N cuts (None: all; counts tokens of each once)."""
+    """2D modes: estimate bins from the first N cuts (None: all of an eager cutset, the first
+    100,000 of a lazy one, which may be endless). Cuts longer than all of them are rejected."""
     tps_threshold: float = 4.0
     """2D modes: z-score of tokens/second above which a cut is an outlier in its duration bucket."""
     strict: bool = True
@@ -447,9 +452,10 @@ def load_or_estimate_bins(
                 stacklevel=2,
             )
         return bins
-    sample = (
-        islice(cuts, cfg.num_cuts_for_bins_estimate) if cfg.num_cuts_for_bins_estimate else cuts
-    )
+    limit = cfg.num_cuts_for_bins_estimate
+    if limit is None and getattr(cuts, "is_lazy", False):
+        limit = LAZY_BINS_ESTIMATE_CUTS
+    sample = islice(cuts, limit) if limit else cuts
     lengths, skipped = measure_cuts(sample, counter)
     bins = estimate_bins(lengths, cfg.num_buckets, cfg.num_token_buckets, cfg.tps_threshold)
     bins.meta.update(tokens=counter.name, skipped=skipped)

@@ -65,7 +65,7 @@ def length_limits(
 @torch.no_grad()
 def decode_encoded(
     model, enc: torch.Tensor, enc_segments: Segments, prompts: Sequence[Sequence[int]],
-    eot_id: int, options: DecodingOptions = DecodingOptions(),
+    eot_id: int, options: DecodingOptions | None = None,
     max_new_tokens: Sequence[int] | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """Decode an already encoded packed batch ``enc: (ΣT', D)`` (see ``decode``)."""
@@ -76,6 +76,7 @@ def decode_encoded(
         raise ValueError("every prompt needs at least one token (e.g. <|startoftranscript|>)")
     if not prompts:
         return []
+    options = options or DecodingOptions()
     limits = length_limits(enc_segments, options, max_new_tokens)
     return strategy_for(options).search(model, enc, enc_segments, prompts, eot_id, limits)
 
@@ -83,7 +84,7 @@ def decode_encoded(
 @torch.no_grad()
 def decode(
     model, features: torch.Tensor, feature_segments: Segments, prompts: Sequence[Sequence[int]],
-    eot_id: int, options: DecodingOptions = DecodingOptions(),
+    eot_id: int, options: DecodingOptions | None = None,
     max_new_tokens: Sequence[int] | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """Transcribe a packed batch.
@@ -93,7 +94,7 @@ def decode(
         features: ``(ΣT, n_mels)`` packed features described by ``feature_segments``.
         prompts: decoder prompt ids per utterance (e.g. ``Tokenizer.prompt("en")``), non-empty.
         eot_id: end-of-text id; an utterance stops when it is chosen (unless ``ignore_eot``).
-        options: the search (``DecodingOptions``).
+        options: the search (``DecodingOptions``; default: greedy with KV cache).
         max_new_tokens: optional per-utterance limits (benchmarks force reference lengths).
 
     Returns:
@@ -112,4 +113,6 @@ def greedy_decode(
     """Greedy transcripts (KV cache) of at most ``max_len`` tokens each; see ``decode``."""
     if max_len < 0:
         raise ValueError(f"max_len must be >= 0, got {max_len}")
-    return decode(model, features, feature_segments, prompts, eot_id, DecodingOptions(max_len=max_len))
+    return decode(
+        model, features, feature_segments, prompts, eot_id, DecodingOptions(max_len=max_len)
+    )

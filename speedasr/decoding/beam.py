@@ -67,7 +67,7 @@ class BeamSearch:
             pick = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)[:, :k]  # (A, K)
             scores = top_scores.gather(1, pick)
             tokens = tok.gather(1, pick)
-            src_rows = (torch.arange(active, device=device)[:, None] * k + src.gather(1, pick))
+            src_rows = torch.arange(active, device=device)[:, None] * k + src.gather(1, pick)
             src_rows = src_rows.view(-1)
             previous, history = history, history.index_select(0, src_rows)
             history[:, t] = tokens.view(-1)
@@ -78,7 +78,9 @@ class BeamSearch:
                 rows = [a * k + int(s) for a, s in zip(
                     (e[0] for e in events), src[ends].tolist(), strict=True)]  # fmt: skip
                 texts = previous[rows, :t].tolist()
-                for (a, _), score, text in zip(events, top_scores[ends].tolist(), texts, strict=True):
+                for (a, _), score, text in zip(
+                    events, top_scores[ends].tolist(), texts, strict=True
+                ):
                     u = utts[a]
                     if len(finished[u]) < k:
                         finished[u].append((score, t + 1, text))
@@ -90,7 +92,9 @@ class BeamSearch:
                 live_scores = scores[at_limit].tolist()
                 for a, texts, beam_scores in zip(at_limit, live_texts, live_scores, strict=True):
                     if a not in done:
-                        finished[utts[a]] += [(s, t + 1, x) for s, x in zip(beam_scores, texts)]
+                        finished[utts[a]] += [
+                            (s, t + 1, x) for s, x in zip(beam_scores, texts, strict=True)
+                        ]
                     done.add(a)
             if len(done) == active:
                 break

@@ -39,7 +39,8 @@ class KVCache:
     cross_v: list[torch.Tensor]
     """Per block ``(R, H, T', Dh)``: cross-attention values."""
     cross_mask: torch.Tensor
-    """``(R, 1, 1, T')`` bool, True at real encoder frames."""
+    """``(R, 1, 1, T')`` additive attention mask: 0 at real encoder frames, -inf elsewhere
+    (additive rather than boolean: attention kernels take it as is, no per-step conversion)."""
     lengths: torch.Tensor
     """``(R,)`` int64: cached tokens per row (the next token goes to slot ``lengths[r]``)."""
     used: int
@@ -69,7 +70,7 @@ class KVCache:
         lens = torch.tensor(memory_segments.lengths, device=memory.device)
         real = torch.arange(frames, device=memory.device)[None] < lens[:, None]
         keep = real[:, None, :, None].to(memory.dtype)
-        cross_mask = (real | (lens[:, None] == 0))[:, None, None, :]
+        cross_mask = _additive((real | (lens[:, None] == 0))[:, None, None, :], memory.dtype)
         self_k, self_v, cross_k, cross_v = [], [], [], []
         for block in decoder.blocks:
             k, v = block.cross_attn.memory_kv(padded)
@@ -105,8 +106,10 @@ def extend(decoder, cache: KVCache, tokens: torch.Tensor, counts: torch.Tensor |
     row_index = torch.arange(rows, device=device)[:, None].expand(rows, new)
     used = cache.used + new
     # New position s of row r sees slots j <= its own position (causal, bottom-right aligned).
-    self_mask = (torch.arange(used, device=device) <= positions[..., None])[:, None]
     x = decoder.embed(tokens)
+    self_mask = _additive(
+        (torch.arange(used, device=device) <= positions[..., None])[:, None], x.dtype
+    )
     rotary = None
     for i, block in enumerate(decoder.blocks):
         if rotary is None:
@@ -121,8 +124,15 @@ def extend(decoder, cache: KVCache, tokens: torch.Tensor, counts: torch.Tensor |
     return decoder.norm(x)
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" -> additive mask (0 / -inf), computed once and shared by all blocks."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
 def prefill(decoder, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
-    """Run the prompts through an empty cache; return logits ``(R, V)`` at each last prompt token."""
+    """Run the prompts through an empty cache; return logits ``(R, V)`` at each one's last token."""
     device = cache.lengths.device
     width = max(len(p) for p in prompts)
     tokens = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts], device=device)

@@ -1,4 +1,4 @@
-"""Greedy search: cached (``GreedySearch``) and the uncached reference (``UncachedGreedySearch``)."""
+"""Greedy search: ``GreedySearch`` (KV cache) and the ``UncachedGreedySearch`` reference."""
 
 from __future__ import annotations
 

@@ -204,27 +204,27 @@ class AEDModel(nn.Module):
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, batch: PackedBatch | PaddedBatch) -> AEDOutput:
+        has_ctc = self.ctc_head is not None
+        ts = batch.token_segments
         if isinstance(batch, PackedBatch):
             enc, enc_segments = self.encode(batch.features, batch.feature_segments)
-            hidden = self._decoder_hidden(batch.tokens, batch.token_segments, enc, enc_segments)
+            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments)
             # Only target positions are projected to the vocabulary (prompt rows carry no loss).
-            targets = batch.targets
-            keep = targets != IGNORE_INDEX
-            logits = self.decoder.logits(hidden[keep])
-            targets = targets[keep]
-            ctc_log_probs = enc_segments.pad(self._ctc_log_probs(enc)) if self.ctc_head else None
-            text = batch.tokens[batch.token_segments.positions >= _per_row(
-                batch.prompt_lengths, batch.token_segments)]  # fmt: skip
+            keep = batch.targets != IGNORE_INDEX
+            logits, targets = self.decoder.logits(hidden[keep]), batch.targets[keep]
+            ctc_log_probs = enc_segments.pad(self._ctc_log_probs(enc)) if has_ctc else None
+            tokens = batch.tokens
         elif isinstance(batch, PaddedBatch):
             enc, enc_segments = self.encode_padded(batch.features, batch.feature_segments)
-            hidden = self._decoder_hidden(batch.tokens, batch.token_segments, enc, enc_segments)
+            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments)
             logits = self.decoder.logits(hidden).flatten(0, 1)  # padding included: the padded cost
             targets = batch.targets.flatten()
-            ctc_log_probs = self._ctc_log_probs(enc) if self.ctc_head else None
-            ts = batch.token_segments
-            text = ts.unpad(batch.tokens)[ts.positions >= _per_row(batch.prompt_lengths, ts)]
+            ctc_log_probs = self._ctc_log_probs(enc) if has_ctc else None
+            tokens = ts.unpad(batch.tokens)
         else:
             raise TypeError(f"expected PackedBatch or PaddedBatch, got {type(batch).__name__}")
+        # CTC targets: the text tokens of each utterance (its decoder input after the prompt)
+        text = tokens[ts.positions >= _per_row(batch.prompt_lengths, ts)]
 
         num_targets = int((targets != IGNORE_INDEX).sum())
         ce = F.cross_entropy(
@@ -238,10 +238,14 @@ class AEDModel(nn.Module):
                 n - p
                 for n, p in zip(batch.token_segments.lengths, batch.prompt_lengths, strict=True)
             ]
-            ctc = F.ctc_loss(
-                ctc_log_probs.transpose(0, 1), text, list(enc_segments.lengths), text_lengths,
-                blank=self.cfg.pad_id, reduction="sum", zero_infinity=True,
-            ) / max(sum(text_lengths), 1)  # fmt: skip
+            if ctc_log_probs.shape[1] == 0:  # no encoder frame in the batch: nothing to align
+                ctc = ctc_log_probs.sum() * 0.0
+            else:
+                # zero_infinity: an utterance whose text cannot fit its frames adds 0, not inf
+                ctc = F.ctc_loss(
+                    ctc_log_probs.transpose(0, 1), text, list(enc_segments.lengths), text_lengths,
+                    blank=self.cfg.pad_id, reduction="sum", zero_infinity=True,
+                ) / max(sum(text_lengths), 1)  # fmt: skip
             w = self.cfg.ctc_weight
             loss = (1 - w) * ce + w * ctc
         return AEDOutput(

@@ -17,6 +17,7 @@ Backends (``backend=``):
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -65,11 +66,16 @@ def packed_attention(
 
 
 def _auto_backend(q: torch.Tensor) -> str:
+    # Decided per call from the tensor, never at import: CPU-only machines must import this freely.
     if q.is_cuda and _triton_available():
-        return "triton"
+        from speedasr.kernels.flash_varlen import supports
+
+        if supports(q):  # e.g. fp64 or head dim > 256 fall back to torch instead of raising
+            return "triton"
     return "torch"
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -97,7 +97,18 @@ class _Plan(NamedTuple):
 def _plan(
     offsets_q: tuple[int, ...], offsets_k: tuple[int, ...], causal: bool, device: torch.device
 ) -> _Plan:
-    """Cached per batch shape: every layer of a batch (and its backward) reuses one plan."""
+    """Cached per batch shape: every layer of a batch (and its backward) reuses one plan.
+
+    Built outside inference mode: a plan first made during validation (Lightning runs it under
+    ``torch.inference_mode``) must stay usable by autograd in a later training step.
+    """
+    with torch.inference_mode(False):
+        return _build_plan(offsets_q, offsets_k, causal, device)
+
+
+def _build_plan(
+    offsets_q: tuple[int, ...], offsets_k: tuple[int, ...], causal: bool, device: torch.device
+) -> _Plan:
     lq = [b - a for a, b in pairwise(offsets_q)]
     lk = [b - a for a, b in pairwise(offsets_k)]
     total_q, total_k = offsets_q[-1], offsets_k[-1]

@@ -105,6 +105,9 @@ class ConvSubsampling(nn.Module):
         """
         lengths = list(segments.lengths)
         device = x.device
+        if x.shape[1] == 0:  # all utterances empty: nothing to convolve
+            empty = Segments.from_lengths([0] * x.shape[0], device)
+            return x.new_zeros(x.shape[0], 0, self.out.out_features), empty, 0
         h = x[:, None]  # (B, 1, T, F)
         for conv in self.convs:
             h = h * _time_mask(lengths, h.shape[2], device, h.dtype)[:, None, :, None]

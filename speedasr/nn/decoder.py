@@ -45,8 +45,9 @@ class CrossAttention(nn.Module):
     def forward_cached(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor
     ) -> torch.Tensor:
-        """``x: (B, S, D)`` attends to ``memory_kv`` output; ``key_mask: (B, 1, 1, T')``, True at
-        real frames (every row needs one True: see ``speedasr.decoding.cache``)."""
+        """``x: (B, S, D)`` attends to ``memory_kv`` output; ``key_mask: (B, 1, 1, T')``, boolean
+        (True at real frames) or additive (0 / -inf); every row needs one real key (see
+        ``speedasr.decoding.cache``)."""
         q = self.q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.proj(out.transpose(1, 2).flatten(-2))
@@ -87,9 +88,10 @@ class DecoderBlock(nn.Module):
         rotary: ``cos, sin: (B, S, Dh/2)`` at the new positions (continuing after the cached ones,
             so they match the full forward). self_kv: this block's cache ``k, v: (B, H, L, Dh)``;
             the new keys/values are written in place at slots ``write_index = (rows, cols)``, both
-            ``(B, S)``, before attending. self_mask: ``(B, 1, S, L')``, True where a new position
-            may attend to a slot (``L' <= L``: only the slots in use are read). cross_kv, cross_mask:
-            ``CrossAttention.memory_kv`` of the encoder output and ``(B, 1, 1, T')``.
+            ``(B, S)``, before attending. self_mask: ``(B, 1, S, L')``, True (or 0 if additive)
+            where a new position may attend to a slot (``L' <= L``: only slots in use are read).
+            cross_kv, cross_mask: ``CrossAttention.memory_kv`` of the encoder output and its
+            ``(B, 1, 1, T')`` mask.
         """
         attn = self.self_attn
         qkv = attn.qkv(self.self_norm(x)).unflatten(-1, (3, attn.heads, attn.head_dim))

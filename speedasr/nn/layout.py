@@ -56,6 +56,8 @@ class PackedLayout:
         The rows are scattered into a zero stream with ``padding`` zeros between sequences (the
         zeros each sequence would see alone at its edges), convolved once, and gathered back.
         """
+        if x.shape[0] == 0:
+            return x.clone()
         pad = conv.padding[0]
         index, stream_length = self._stream_index(pad)
         stream = x.new_zeros(stream_length, x.shape[1]).index_copy(0, index, x)
@@ -124,6 +126,8 @@ class PaddedLayout:
     def depthwise_conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``; padding frames are zeroed first, so they read as the zeros
         a sequence sees at its edges when alone (they are not zero after a bias or a GLU)."""
+        if x.shape[1] == 0:
+            return x.clone()
         x = x * self.mask[..., None].to(x.dtype)
         return conv(x.transpose(1, 2)).transpose(1, 2)
 

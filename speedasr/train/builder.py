@@ -15,9 +15,8 @@ def build_logger(out_dir: Path) -> list[Logger]:
     """CSV always (``out_dir/logs/version_N/metrics.csv``); TensorBoard too when installed."""
     loggers: list[Logger] = [CSVLogger(str(out_dir), name="logs")]
     try:
-        from pytorch_lightning.loggers import TensorBoardLogger
-
         import tensorboard  # noqa: F401
+        from pytorch_lightning.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard"))
     except ImportError:
@@ -26,12 +25,15 @@ def build_logger(out_dir: Path) -> list[Logger]:
 
 
 def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Callback]]:
-    """Checkpointing + the enabled profiling monitors. Returns (all callbacks, monitors)."""
+    """Checkpointing, exact-resume progress, fault tolerance and the enabled profiling monitors.
+    Returns (all callbacks, monitors); ``FaultMonitor`` counts as a monitor (it has a summary)."""
     from speedasr.train.callbacks import (
         GPUUtilizationMonitor,
         PaddingMonitor,
         ThroughputMonitor,
     )
+    from speedasr.train.faults import FaultMonitor
+    from speedasr.train.progress import TrainingProgress
 
     has_val = bool(cfg.data.dev_cuts)
     checkpoint = ModelCheckpoint(
@@ -43,14 +45,33 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
         save_top_k=1 if has_val else 0,
         save_last=True,
     )
-    monitors: list[pl.Callback] = []
+    checkpoints = [checkpoint]
+    every = cfg.checkpoint.every_n_steps
+    if every is not None:
+        if every < 1:
+            raise UserError(f"checkpoint.every_n_steps must be >= 1 or null, got {every}")
+        checkpoints.append(
+            ModelCheckpoint(  # mid-epoch checkpoints to resume a crashed run from
+                dirpath=str(out_dir / "checkpoints"),
+                filename="step{step}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=every,
+                monitor="step",
+                mode="max",
+                save_top_k=cfg.checkpoint.keep,
+                save_last=True,
+            )
+        )
+    progress = TrainingProgress(cfg.seed, record_dir=out_dir if cfg.record_batches else None)
+    monitors: list[pl.Callback] = [FaultMonitor()]
     if cfg.monitors.padding:
         monitors.append(PaddingMonitor())
     if cfg.monitors.gpu:
         monitors.append(GPUUtilizationMonitor())
     if cfg.monitors.throughput:
         monitors.append(ThroughputMonitor())
-    return [checkpoint, LearningRateMonitor(logging_interval="step"), *monitors], monitors
+    callbacks = [progress, *checkpoints, LearningRateMonitor(logging_interval="step"), *monitors]
+    return callbacks, monitors
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> str | None:

@@ -68,13 +68,19 @@ class AsrModule(pl.LightningModule):
         return float(
             sum(
                 count_flops(self.model_cfg, t, n).training
-                for t, n in zip(batch.feature_segments.lengths, batch.token_segments.lengths)
+                for t, n in zip(
+                    batch.feature_segments.lengths, batch.token_segments.lengths, strict=True
+                )
             )
         )
 
     def training_step(self, batch: PackedBatch | PaddedBatch, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch)
         n = batch.batch_size
+        if n == 0:
+            # Every cut of the batch failed to load. A zero loss that touches every parameter keeps
+            # data-parallel ranks in lock step; ``FaultMonitor`` then skips the optimizer step.
+            return sum(p.sum() for p in self.parameters()) * 0.0
+        out = self.model(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
         self.log("train/ce_loss", out.ce_loss, batch_size=n)
         if out.ctc_loss is not None:
@@ -98,7 +104,7 @@ class AsrModule(pl.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
         optimizer = torch.optim.AdamW(
             [

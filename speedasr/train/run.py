@@ -55,8 +55,9 @@ def train(cfg) -> int:
     import pytorch_lightning as pl
     import torch
 
-    from speedasr.train.builder import build_callbacks, build_logger, resolve_resume
     from speedasr.data.datamodule import AsrDataModule
+    from speedasr.train.builder import build_callbacks, build_logger, resolve_resume
+    from speedasr.train.faults import FaultMonitor
     from speedasr.train.module import AsrModule
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -76,6 +77,9 @@ def train(cfg) -> int:
             **{**model_cfg.__dict__, "vocab_size": datamodule.tokenizer.vocab_size,
                "pad_id": datamodule.tokenizer.pad_id}
         )  # fmt: skip
+    ckpt = resolve_resume(cfg.resume, out_dir)
+    if ckpt is not None:
+        check_resume_checkpoint(ckpt, model_cfg, datamodule.tokenizer)
     module = AsrModule.build(model_cfg, cfg.optim, datamodule.tokenizer)
     callbacks, monitors = build_callbacks(cfg, out_dir)
     trainer = pl.Trainer(
@@ -85,16 +89,61 @@ def train(cfg) -> int:
         use_distributed_sampler=False,  # lhotse samplers shard by rank themselves
         **vars(cfg.trainer),
     )
-    ckpt = resolve_resume(cfg.resume, out_dir)
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    # weights_only: a checkpoint from someone else cannot run code (speedasr's hold plain values).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    faults = next(m for m in monitors if isinstance(m, FaultMonitor))
+    skipped = _gather_skipped(trainer, faults.skipped_cuts)
     if trainer.global_rank == 0:
         print(f"\ntraining done in {time.time() - start:.0f} s, {trainer.global_step} steps")
         for name, report in datamodule.reports.items():
             print(f"{name} data: {report.summary()}")
+        if skipped:
+            path = out_dir / "skipped_train.jsonl"
+            datamodule.explain_skipped(skipped).write(path)
+            print(f"cuts skipped mid-training (audio failed to load): {len(skipped)}, see {path}")
         for m in monitors:
             if hasattr(m, "summary"):
                 print(m.summary())
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         print(f"checkpoints: {out_dir / 'checkpoints'} (best: {best or 'n/a'})")
     return 0
+
+
+def check_resume_checkpoint(path: str, model_cfg, tokenizer) -> None:
+    """Refuse, with the differences named, a checkpoint that does not fit this run's model or
+    tokenizer (Lightning's own error is a wall of tensor size mismatches), or that holds objects
+    that would run code when unpickled."""
+    from dataclasses import asdict
+
+    from speedasr.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)  # weights_only: refuses pickled payloads with a UserError
+    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    if not isinstance(saved, dict) or "state_dict" not in ckpt:
+        raise UserError(f"'{path}' is not a speedasr training checkpoint")
+    now = asdict(model_cfg)
+    diff = [
+        f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
+        for k in sorted(set(now) | set(saved))
+        if k not in _RESUMABLE_MODEL_CHANGES and saved.get(k) != now.get(k)
+    ]
+    if ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != tokenizer.to_state():
+        diff.append("data.tokenizer: a different tokenizer than the checkpoint's")
+    if diff:
+        raise UserError(f"checkpoint '{path}' does not match this config: " + "; ".join(diff))
+
+
+# Model settings that do not change the parameters' shapes or meaning.
+_RESUMABLE_MODEL_CHANGES = frozenset({"attention_backend", "dropout"})
+
+
+def _gather_skipped(trainer, ids: list[str]) -> list[str]:
+    """Skipped cut ids of every rank (on each rank), in a stable order."""
+    import torch.distributed as dist
+
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        parts: list = [None] * trainer.world_size
+        dist.all_gather_object(parts, list(ids))
+        ids = [i for part in parts for i in part]
+    return list(dict.fromkeys(ids))

@@ -12,7 +12,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return Tokenizer.train(TEXTS, tmp_path_factory.mktemp("tok"), vocab_size=80, languages=["en", "de"])
+    return Tokenizer.train(
+        TEXTS, tmp_path_factory.mktemp("tok"), vocab_size=80, languages=["en", "de"]
+    )
 
 
 def test_round_trip(tok):

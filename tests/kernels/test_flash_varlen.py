@@ -253,6 +253,26 @@ def test_tile_schedule_covers_every_tile_once():
     assert all(s == -1 for s in seq[len(real) :])
 
 
+def test_offsets_are_checked_and_scheduled_once_per_batch(monkeypatch):
+    len_q = [17, 65]
+    q, k, v, cu, _, grad = _inputs(len_q, len_q, 64, torch.float32)
+    fn = _kernel(cu, cu, len_q, len_q, False)
+    built = []
+    real_schedule = fv._tile_schedule
+    monkeypatch.setattr(fv, "_tile_schedule", lambda *a, **kw: built.append(a) or real_schedule(*a))
+    _run(fn, q, k, v, grad)
+    # Self-attention, non-causal, equal tiles: forward, dK/dV and dQ share one schedule.
+    assert len(built) == 1
+    _run(fn, q, k, v, grad)  # "the next layer": same offsets, nothing rebuilt or re-read
+    assert len(built) == 1
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("offsets re-read"))
+    _run(fn, q, k, v, grad)
+    monkeypatch.undo()
+    cu[1] = 90  # an in-place write bumps the version: checked again, and now rejected
+    with pytest.raises(ValueError, match="non-decreasing"):
+        fn(q, k, v)
+
+
 def test_packed_attention_triton_backend():
     from speedasr.nn.attention import _auto_backend, packed_attention
 
@@ -261,6 +281,8 @@ def test_packed_attention_triton_backend():
     out = packed_attention(q, k, v, cu_q, cu_k, 65, 64, causal=True, backend="triton")
     assert torch.allclose(out, attention_ref(q, k, v, cu_q, cu_k, True), atol=1e-5)
     assert _auto_backend(q) == "torch"  # CPU tensors never pick the Triton kernels
+    assert fv.supports(q) and fv.supports(q.half())
+    assert not fv.supports(q.double()) and not fv.supports(torch.zeros(2, 1, 512))
 
 
 def test_registered_op_traces_with_fake_tensors():

@@ -202,3 +202,17 @@ def test_decoder_width_differs_from_encoder():
     batch = make_batch(FRAMES, TEXTS, PROMPTS)
     a, b = m(batch), m(batch.to_padded(0))
     close(a.loss, b.loss)
+
+
+@pytest.mark.parametrize("frames", [[0], [0, 0], [0, 40, 1]])
+def test_utterances_without_frames(frames):
+    # A 0-frame utterance has 0 encoder frames: cross-attention sees no key (zeros, not NaN), its
+    # CTC term is 0 (infeasible alignments are zeroed), and packed still equals padded.
+    m = model()
+    texts, prompts = [[5, 6]] * len(frames), [[2, 3]] * len(frames)
+    a = m(make_batch(frames, texts, prompts))
+    b = m(make_batch(frames, texts, prompts).to_padded(0))
+    assert torch.isfinite(a.loss) and a.num_encoder_frames == sum((n + 7) // 8 for n in frames)
+    close(a.loss, b.loss)
+    a.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

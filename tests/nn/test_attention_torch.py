@@ -170,3 +170,13 @@ def test_bad_shapes_raise():
         torch_packed_attention(q, k, v, cu([2]), cu([3]), 2, 3)
     with pytest.raises(ValueError):
         torch_packed_attention(q, k, v, cu([3]), cu([1, 2]), 3, 2)
+
+
+def test_plan_made_in_inference_mode_serves_training():
+    lq = [7, 3, 11]
+    q, k, v = make(lq, lq)
+    with torch.inference_mode():
+        torch_packed_attention(q, k, v, cu(lq), cu(lq), 11, 11, causal=True)
+    out = torch_packed_attention(q, k, v, cu(lq), cu(lq), 11, 11, causal=True)
+    out.sum().backward()  # would fail if the cached plan held inference tensors
+    assert torch.isfinite(q.grad).all()

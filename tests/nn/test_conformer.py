@@ -164,3 +164,19 @@ def test_short_utterance_next_to_long_ones(n):
     alone, _ = enc.forward_packed(seg.split(x)[1], Segments.from_lengths([n]))
     assert mid.shape[0] == encoder_length(n) >= 1
     close(mid, alone)
+
+
+def test_subsampling_stream_isolates_every_length_combination():
+    # The gapped stream must leave a zero frame on each side of every utterance at every stage and
+    # start each one at an even offset: check all small lengths against neighbours of every parity.
+    sub = encoder().subsampling
+    for n in range(0, 26):
+        lengths = [n, 17, n + 1, 8, n]
+        seg = Segments.from_lengths(lengths)
+        x = features(lengths, seed=n)
+        y, out_seg = sub.forward_packed(x, seg)
+        for xi, yi in zip(seg.split(x), out_seg.split(y), strict=True):
+            alone, _, _ = sub.forward_padded(xi[None], Segments.from_lengths([xi.shape[0]]))
+            assert yi.shape == alone[0].shape
+            if yi.numel():
+                close(yi, alone[0])

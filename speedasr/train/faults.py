@@ -1,0 +1,93 @@
+"""Fault tolerance for long runs: bad steps are skipped and counted, bad cuts reported.
+
+``FaultMonitor`` (a Lightning callback, usable in any Lightning project):
+
+* **Non-finite loss or gradients.** After backward and before the optimizer (and before gradient
+  clipping), if the loss of any micro-batch since the last step, or any gradient, is NaN/inf, all
+  gradients are dropped (``p.grad = None``): the optimizer leaves every parameter and its moments
+  untouched, and training continues with the next batch. In data-parallel training the decision is
+  all-reduced, so every rank skips the same step (FSDP shards gradients; DDP's are identical).
+* **Empty batches** (every cut of the batch failed to load) are skipped the same way; the model
+  returns a zero loss for them so that ranks stay in lock step.
+* **Cuts whose audio fails to load mid-training** (``batch.skipped_cut_ids``, left out by the
+  dataset) are counted and listed.
+
+Counts are logged (``faults/skipped_steps``, ``faults/skipped_cuts``), saved in checkpoints and
+summarized by ``summary()``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+
+class FaultMonitor(pl.Callback):
+    """Skips optimizer steps with non-finite loss/gradients or no data; counts skipped cuts."""
+
+    def __init__(self, max_listed_cuts: int = 10000) -> None:
+        self.max_listed_cuts = max_listed_cuts
+        self.skipped_steps: Counter[str] = Counter()
+        self.skipped_cuts: list[str] = []
+        self.num_skipped_cuts = 0
+        self._bad_loss = False
+        self._empty = False
+
+    # --- per batch ------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        skipped = tuple(getattr(batch, "skipped_cut_ids", ()))
+        if skipped:
+            self.num_skipped_cuts += len(skipped)
+            room = self.max_listed_cuts - len(self.skipped_cuts)
+            self.skipped_cuts += list(skipped[: max(room, 0)])
+        size = getattr(batch, "batch_size", None)
+        self._empty = self._empty or size == 0
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        self._bad_loss = self._bad_loss or not bool(torch.isfinite(loss.detach()).all())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        bad_grad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+        flags = torch.tensor([self._empty, self._bad_loss, bad_grad], dtype=torch.float32)
+        if trainer.world_size > 1:  # every rank must skip the same steps
+            flags = trainer.strategy.reduce(flags.to(pl_module.device), reduce_op="max").cpu()
+        empty, bad_loss, bad_grad = (bool(f) for f in flags)
+        self._empty = self._bad_loss = False
+        if not (empty or bad_loss or bad_grad):
+            return
+        reason = "empty_batch" if empty else "non_finite_loss" if bad_loss else "non_finite_grad"
+        self.skipped_steps[reason] += 1
+        for p in params:
+            p.grad = None
+        pl_module.log("faults/skipped_steps", float(sum(self.skipped_steps.values())))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.num_skipped_cuts:
+            pl_module.log("faults/skipped_cuts", float(self.num_skipped_cuts))
+
+    # --- reporting and checkpoints ------------------------------------------------------------
+    def summary(self) -> str:
+        steps = sum(self.skipped_steps.values())
+        text = f"Faults: {steps} optimizer steps skipped"
+        if steps:
+            text += (
+                " (" + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_steps.items())) + ")"
+            )
+        text += f", {self.num_skipped_cuts} cuts skipped mid-training (audio failed to load)."
+        return text
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": dict(self.skipped_steps),
+            "skipped_cuts": list(self.skipped_cuts),
+            "num_skipped_cuts": self.num_skipped_cuts,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = Counter(state.get("skipped_steps", {}))
+        self.skipped_cuts = list(state.get("skipped_cuts", []))
+        self.num_skipped_cuts = int(state.get("num_skipped_cuts", 0))

@@ -1,0 +1,106 @@
+"""Exact mid-epoch resume: which batch of the epoch is running, and randomness that depends on it.
+
+Two things make a resumed run diverge from an uninterrupted one, and this module removes both:
+
+* **Data position.** DataLoader workers prefetch, so the sampler in the main process runs ahead of
+  the batches the model has actually consumed; its own ``state_dict`` would skip the prefetched
+  batches on resume. Instead ``TrainingProgress`` counts the batches that *started a training step*
+  in the current epoch and hands that number to the datamodule, which saves ``(epoch, batches)``
+  in the checkpoint and, on resume, fast-forwards a fresh sampler of the same epoch and seed by
+  exactly that many batches (``speedasr.data.datamodule``).
+* **Randomness.** Dropout draws from torch's global generator, whose state after N steps depends on
+  everything that ran before (including prefetching). ``TrainingProgress`` reseeds it at the start
+  of every training batch from ``(seed, epoch, batch index, rank)``, so a batch's dropout masks do
+  not depend on the history of the process. (Augmentation is seeded per batch the same way, in the
+  dataset workers.) The generators' states are also saved in the checkpoint and restored, for code
+  outside speedasr that draws from them.
+
+Works in any Lightning project: the datamodule hook is used only if the datamodule has
+``batch_started(epoch) -> int``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+
+def batch_seed(seed: int, epoch: int, index: int, rank: int) -> int:
+    """A 63-bit seed for batch ``index`` of ``epoch`` on ``rank`` (stable across runs/processes)."""
+    g = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index, rank])
+    return int(g.generate_state(2, dtype=np.uint32).astype(np.uint64).dot([1 << 31, 1]))
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), Python and NumPy generator states, as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingProgress(pl.Callback):
+    """Counts consumed training batches per epoch, seeds each batch, saves RNG states.
+
+    Args:
+        seed: the run's seed.
+        record_dir: if set, appends one JSON line per training batch to
+            ``record_dir/batches_rank{R}.jsonl``: ``{"epoch", "index", "step", "cut_ids"}`` (an
+            audit trail of which cuts each rank trained on, in order).
+    """
+
+    def __init__(self, seed: int = 0, record_dir: str | Path | None = None) -> None:
+        self.seed = seed
+        self.record_dir = Path(record_dir) if record_dir else None
+        self.epoch = -1
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        epoch = trainer.current_epoch
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "batch_started"):
+            index = datamodule.batch_started(epoch)
+        else:  # no speedasr datamodule: count here (not exact across resume)
+            if epoch != self.epoch:
+                self.epoch, self.batches = epoch, 0
+            index, self.batches = self.batches, self.batches + 1
+        torch.manual_seed(batch_seed(self.seed, epoch, index, trainer.global_rank))
+        if self.record_dir is not None:
+            row = {
+                "epoch": epoch,
+                "index": index,
+                "step": trainer.global_step,
+                "cut_ids": list(getattr(batch, "cut_ids", [])),
+            }
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.record_dir / f"batches_rank{trainer.global_rank}.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state(), "epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batches = state.get("epoch", -1), state.get("batches", 0)
+        if "rng" in state:
+            set_rng_state(state["rng"])
