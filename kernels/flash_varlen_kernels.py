@@ -24,23 +24,34 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _load_rows(base, rows, num_rows, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``rows`` (< num_rows) of a (tokens, D) slice; padding rows and columns read as 0."""
+def _tile_ptrs(base, start, offs, stride_t, BLOCK_D: tl.constexpr):
+    # The tile's first row is a 64-bit scalar offset (total_tokens * row_stride can exceed 2**31
+    # on long packed batches); offsets inside the tile stay 32-bit, which keeps the per-element
+    # pointer math, and so register pressure, low.
     offs_d = tl.arange(0, BLOCK_D)
-    # int64 row offsets: total_tokens * row_stride can exceed 2**31 on long packed batches.
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+    return base + tl.cast(start, tl.int64) * stride_t + (offs[:, None] * stride_t + offs_d[None, :])
+
+
+@triton.jit
+def _load_rows(
+    base, start, offs, num_rows, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Rows ``start + offs`` (valid below num_rows) of a (tokens, D) slice; padding reads as 0."""
+    ptrs = _tile_ptrs(base, start, offs, stride_t, BLOCK_D)
+    in_rows = (start + offs < num_rows)[:, None]
     if HEAD_DIM == BLOCK_D:
-        x = tl.load(ptrs, mask=(rows < num_rows)[:, None], other=0.0)
+        x = tl.load(ptrs, mask=in_rows, other=0.0)
     else:
-        x = tl.load(ptrs, mask=(rows < num_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        x = tl.load(ptrs, mask=in_rows & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :], other=0.0)
     return x
 
 
 @triton.jit
-def _store_rows(base, rows, num_rows, stride_t, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
-    mask = (rows < num_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+def _store_rows(
+    base, start, offs, num_rows, stride_t, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    ptrs = _tile_ptrs(base, start, offs, stride_t, BLOCK_D)
+    mask = (start + offs < num_rows)[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
 
 
@@ -71,8 +82,8 @@ def _fwd_steps(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(K, cols, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-        v = _load_rows(V, cols, len_k, stride_vt, HEAD_DIM, BLOCK_D)
+        k = _load_rows(K, start_n, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V, start_n, offs_n, len_k, stride_vt, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         if MASKED:
             valid = (cols < len_k)[None, :]
@@ -110,9 +121,11 @@ def fwd_kernel(
     K = K + k_start.to(tl.int64) * stride_kt + head * stride_kh
     V = V + k_start.to(tl.int64) * stride_vt + head * stride_vh
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh, rows, len_q, stride_qt,
-                   HEAD_DIM, BLOCK_D)  # fmt: skip
+    row0 = tile * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m
+    q = _load_rows(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh, row0, offs_m, len_q,
+                   stride_qt, HEAD_DIM, BLOCK_D)  # fmt: skip
 
     # Bottom-right causal alignment: query i sees keys n <= i + diag. Key blocks past the last
     # key the tile's bottom row can see are skipped (loop bound), not just masked.
@@ -137,8 +150,8 @@ def fwd_kernel(
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows without keys: acc is 0, so out is 0
-    _store_rows(Out + q_start.to(tl.int64) * stride_ot + head * stride_oh, rows, len_q, stride_ot,
-                out, HEAD_DIM, BLOCK_D)  # fmt: skip
+    _store_rows(Out + q_start.to(tl.int64) * stride_ot + head * stride_oh, row0, offs_m, len_q,
+                stride_ot, out, HEAD_DIM, BLOCK_D)  # fmt: skip
     # +inf for rows without keys: in the backward exp2(s - inf) = 0 for every finite score.
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
     tl.store(Lse + head.to(tl.int64) * total_q + q_start + rows, lse, mask=rows < len_q)
@@ -152,9 +165,11 @@ def bwd_preprocess_kernel(
     """Delta = rowsum(dO * O), fp32, (H, total_q). Independent of sequences: rows are rows."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = _load_rows(Out + head * stride_oh, rows, total_q, stride_ot, HEAD_DIM, BLOCK_D)
-    do = _load_rows(dOut + head * stride_doh, rows, total_q, stride_dot, HEAD_DIM, BLOCK_D)
+    row0 = pid * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m
+    o = _load_rows(Out + head * stride_oh, row0, offs_m, total_q, stride_ot, HEAD_DIM, BLOCK_D)
+    do = _load_rows(dOut + head * stride_doh, row0, offs_m, total_q, stride_dot, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + head.to(tl.int64) * total_q + rows, delta, mask=rows < total_q)
 
@@ -171,8 +186,8 @@ def _dkdv_steps(
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         in_range = rows < len_q
-        q = _load_rows(Q, rows, len_q, stride_qt, HEAD_DIM, BLOCK_D)
-        do = _load_rows(dOut, rows, len_q, stride_dot, HEAD_DIM, BLOCK_D)
+        q = _load_rows(Q, start_m, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        do = _load_rows(dOut, start_m, offs_m, len_q, stride_dot, HEAD_DIM, BLOCK_D)
         # Padding rows read lse = +inf, so their probabilities are exactly 0 even unmasked.
         lse = tl.load(Lse + rows, mask=in_range, other=float("inf")) * LOG2E
         delta = tl.load(Delta + rows, mask=in_range, other=0.0)
@@ -218,10 +233,11 @@ def bwd_dkdv_kernel(
     Delta = Delta + head.to(tl.int64) * total_q + q_start
 
     key0 = tile * BLOCK_N
-    cols = key0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + k_row0 * stride_kt + head * stride_kh, cols, len_k, stride_kt,
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = key0 + offs_n
+    k = _load_rows(K + k_row0 * stride_kt + head * stride_kh, key0, offs_n, len_k, stride_kt,
                    HEAD_DIM, BLOCK_D)  # fmt: skip
-    v = _load_rows(V + k_row0 * stride_vt + head * stride_vh, cols, len_k, stride_vt,
+    v = _load_rows(V + k_row0 * stride_vt + head * stride_vh, key0, offs_n, len_k, stride_vt,
                    HEAD_DIM, BLOCK_D)  # fmt: skip
 
     # Query i sees key n iff i >= n - diag. Causal: queries before the first one that sees this
@@ -252,9 +268,9 @@ def bwd_dkdv_kernel(
         False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
     )  # fmt: skip
 
-    _store_rows(dK + k_row0 * stride_dkt + head * stride_dkh, cols, len_k, stride_dkt,
+    _store_rows(dK + k_row0 * stride_dkt + head * stride_dkh, key0, offs_n, len_k, stride_dkt,
                 dk * softmax_scale, HEAD_DIM, BLOCK_D)  # fmt: skip
-    _store_rows(dV + k_row0 * stride_dvt + head * stride_dvh, cols, len_k, stride_dvt,
+    _store_rows(dV + k_row0 * stride_dvt + head * stride_dvh, key0, offs_n, len_k, stride_dvt,
                 dv, HEAD_DIM, BLOCK_D)  # fmt: skip
 
 
@@ -268,8 +284,8 @@ def _dq_steps(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(K, cols, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-        v = _load_rows(V, cols, len_k, stride_vt, HEAD_DIM, BLOCK_D)
+        k = _load_rows(K, start_n, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V, start_n, offs_n, len_k, stride_vt, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2 - lse[:, None]
         if MASKED:
             valid = (cols < len_k)[None, :]
@@ -304,12 +320,14 @@ def bwd_dq_kernel(
     K = K + k_start.to(tl.int64) * stride_kt + head * stride_kh
     V = V + k_start.to(tl.int64) * stride_vt + head * stride_vh
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tile * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m
     in_range = rows < len_q
-    q = _load_rows(Q + q_row0 * stride_qt + head * stride_qh, rows, len_q, stride_qt,
+    q = _load_rows(Q + q_row0 * stride_qt + head * stride_qh, row0, offs_m, len_q, stride_qt,
                    HEAD_DIM, BLOCK_D)  # fmt: skip
-    do = _load_rows(dOut + q_row0 * stride_dot + head * stride_doh, rows, len_q, stride_dot,
-                    HEAD_DIM, BLOCK_D)  # fmt: skip
+    do = _load_rows(dOut + q_row0 * stride_dot + head * stride_doh, row0, offs_m, len_q,
+                    stride_dot, HEAD_DIM, BLOCK_D)  # fmt: skip
     row_base = head.to(tl.int64) * total_q + q_start
     # Padding rows read lse = +inf: their probabilities are exactly 0 in the unmasked stage too.
     lse = tl.load(Lse + row_base + rows, mask=in_range, other=float("inf")) * LOG2E
@@ -330,5 +348,5 @@ def bwd_dq_kernel(
         dq, q, do, lse, delta, K, V, len_k, rows, diag, full_end, hi, stride_kt, stride_vt,
         qk_scale_log2, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
-    _store_rows(dQ + q_row0 * stride_dqt + head * stride_dqh, rows, len_q, stride_dqt,
+    _store_rows(dQ + q_row0 * stride_dqt + head * stride_dqh, row0, offs_m, len_q, stride_dqt,
                 dq * softmax_scale, HEAD_DIM, BLOCK_D)  # fmt: skip

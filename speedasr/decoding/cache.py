@@ -45,6 +45,8 @@ class KVCache:
     """``(R,)`` int64: cached tokens per row (the next token goes to slot ``lengths[r]``)."""
     used: int
     """Host int >= ``max(lengths)``: slots any row may read (no device sync to know it)."""
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    """``cos, sin: (L, Dh/2)`` for positions ``0..L-1``, computed once; a step gathers its rows."""
 
     @property
     def rows(self) -> int:
@@ -80,7 +82,13 @@ class KVCache:
             self_k.append(memory.new_zeros(batch, heads, capacity, head_dim))
             self_v.append(memory.new_zeros(batch, heads, capacity, head_dim))
         lengths = torch.zeros(batch, dtype=torch.int64, device=memory.device)
-        return cls(self_k, self_v, cross_k, cross_v, cross_mask, lengths, 0)
+        rotary = (memory.new_zeros(capacity, 0), memory.new_zeros(capacity, 0))
+        if len(decoder.blocks):
+            attn = decoder.blocks[0].self_attn  # every block has the same head size and base
+            slots = torch.arange(capacity, device=memory.device)
+            cos, sin = rotary_tables(slots, attn.head_dim, attn.rope_base)
+            rotary = (cos.to(memory.dtype), sin.to(memory.dtype))
+        return cls(self_k, self_v, cross_k, cross_v, cross_mask, lengths, 0, rotary)
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """The cache of ``rows`` (``(R',)`` indices into this cache's rows; repeats allowed)."""
@@ -88,6 +96,7 @@ class KVCache:
         return KVCache(
             pick(self.self_k), pick(self.self_v), pick(self.cross_k), pick(self.cross_v),
             self.cross_mask.index_select(0, rows), self.lengths.index_select(0, rows), self.used,
+            self.rotary,
         )  # fmt: skip
 
 
@@ -110,11 +119,8 @@ def extend(decoder, cache: KVCache, tokens: torch.Tensor, counts: torch.Tensor |
     self_mask = _additive(
         (torch.arange(used, device=device) <= positions[..., None])[:, None], x.dtype
     )
-    rotary = None
+    rotary = (cache.rotary[0][positions], cache.rotary[1][positions])  # (R, S, Dh/2)
     for i, block in enumerate(decoder.blocks):
-        if rotary is None:
-            rotary = rotary_tables(positions, block.self_attn.head_dim, block.self_attn.rope_base)
-            rotary = (rotary[0].to(x.dtype), rotary[1].to(x.dtype))
         x = block.forward_cached(
             x, rotary, (cache.self_k[i], cache.self_v[i]), (row_index, positions), self_mask,
             (cache.cross_k[i], cache.cross_v[i]), cache.cross_mask,
@@ -126,9 +132,7 @@ def extend(decoder, cache: KVCache, tokens: torch.Tensor, counts: torch.Tensor |
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean "may attend" -> additive mask (0 / -inf), computed once and shared by all blocks."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, float("-inf")
-    )
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)
 
 
 def prefill(decoder, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:

@@ -46,9 +46,10 @@ class GreedySearch:
             out[rows, t] = next_ids
             emitted[rows] += (~eot).long()
             done = eot | (row_limits <= t + 1)
-            if t + 1 == longest or bool(done.all()):
+            finished = int(done.sum()) if t + 1 < longest else len(rows)  # the one host sync
+            if finished == len(rows):
                 break
-            if bool(done.any()):
+            if finished:
                 keep = (~done).nonzero()[:, 0]
                 rows, row_limits, next_ids = rows[keep], row_limits[keep], next_ids[keep]
                 cache = cache.select(keep)

@@ -43,7 +43,7 @@ from speedasr.models.sizing import (
 
 CANDIDATE_WIDTHS: tuple[tuple[int, int], ...] = (
     (144, 4), (192, 4), (256, 4), (384, 6), (512, 8), (768, 12), (1024, 16), (1280, 20),
-    (1536, 24),
+    (1536, 24), (2048, 32), (2560, 40),
 )  # fmt: skip
 """(d_model, heads) of the candidate shapes: head dim 36-64 (all even for rotary)."""
 

@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     header = (
         f"{'model':<20} {'enc layers':>10} {'dec layers':>10} {'d_model':>8} {'encoder':>9} "
-        f"{'decoder':>9} {'total':>9} {'published':>9} {'train GFLOP/s audio':>20}"
+        f"{'decoder':>9} {'total':>9} {'published (ours vs)':>18} {'train GFLOP/s audio':>20}"
     )
     print(header)
     for name, row in info.items():
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
             f"{name:<20} {cfg.encoder_layers:>10} {cfg.decoder_layers:>10} {dims:>8} "
             f"{_human(row['params_encoder']):>9} {_human(row['params_decoder']):>9} "
             f"{_human(row['params_total']):>9} "
-            f"{(_human(published) if published else '-'):>9} "
+            f"{_versus(row['params_total'], published):>18} "
             f"{row['train_gflops_per_audio_second']:>20.2f}"
         )
     print(
@@ -343,3 +343,8 @@ def _human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.{1 if unit == 'B' else 2 if n < 10 * scale else 1}f}{unit}"
     return f"{n:.0f}"
+
+
+def _versus(ours: int, published: float | None) -> str:
+    """``"883.0M (-3.1%)"``: the published figure and how far our count is from it."""
+    return "-" if published is None else f"{_human(published)} ({ours / published - 1:+.1%})"

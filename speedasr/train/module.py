@@ -51,6 +51,7 @@ class AsrModule(pl.LightningModule):
         self.optim_cfg = OptimConfig(**optim)
         self.tokenizer = Tokenizer.from_state(tokenizer_state)
         self.model = AEDModel(self.model_cfg)
+        self._no_decay = {n for n, p in self.model.named_parameters() if p.ndim < 2}
         self._val_hyps: list[str] = []
         self._val_refs: list[str] = []
 
@@ -103,9 +104,11 @@ class AsrModule(pl.LightningModule):
     # --- optimization -----------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.optim_cfg
+        # Biases and norm gains get no weight decay. Decided by name from the shapes recorded at
+        # construction: FSDP flattens parameters, so their shapes cannot be trusted here.
         decay, no_decay = [], []
-        for p in self.model.parameters():
-            (no_decay if p.ndim < 2 else decay).append(p)
+        for name, p in self.model.named_parameters():
+            (no_decay if _clean_name(name) in self._no_decay else decay).append(p)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -121,6 +124,13 @@ class AsrModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def _clean_name(name: str) -> str:
+    """A parameter's name without the wrapper prefixes FSDP/activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

@@ -65,6 +65,7 @@ def train(cfg) -> int:
         raise UserError("config key data.train_cuts is not set")
     if not cfg.data.tokenizer:
         raise UserError("config key data.tokenizer is not set")
+    check_trainer_config(cfg.trainer)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -108,6 +109,24 @@ def train(cfg) -> int:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         print(f"checkpoints: {out_dir / 'checkpoints'} (best: {best or 'n/a'})")
     return 0
+
+
+def check_trainer_config(trainer) -> None:
+    """Errors Lightning would raise late (after data validation) or obscurely, raised early."""
+    import torch
+
+    strategy = str(trainer.strategy)
+    if strategy.startswith("fsdp"):
+        cpu = trainer.accelerator == "cpu" or (
+            trainer.accelerator == "auto" and not torch.cuda.is_available()
+        )
+        if cpu:
+            raise UserError(
+                f"trainer.strategy={strategy} needs GPUs (Lightning's FSDP is CUDA only); "
+                "use trainer.strategy=ddp on CPU"
+            )
+    if trainer.max_steps == -1 and trainer.max_epochs is None and trainer.max_time is None:
+        raise UserError("set trainer.max_steps, trainer.max_epochs or trainer.max_time")
 
 
 def check_resume_checkpoint(path: str, model_cfg, tokenizer) -> None:

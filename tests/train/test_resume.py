@@ -1,4 +1,4 @@
-"""Exact resume: stop mid-epoch, resume from the checkpoint -> the same batches, the same weights."""
+"""Exact resume: stop mid-epoch, resume from the checkpoint -> same batches, same weights."""
 
 import json
 import subprocess
