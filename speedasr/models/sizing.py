@@ -245,7 +245,7 @@ def _parse_count(text: str) -> float:
         raise UserError(f"cannot read parameter count '{text}' (e.g. 3.5M, 180M, 1B)") from None
 
 
-def _parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str]) -> dict:
     types = {f.name: f.type for f in fields(ModelConfig)}
     out = {}
     for item in items:
@@ -297,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     configs: dict[str, ModelConfig] = {}
     try:
         if args.budget:

@@ -13,8 +13,8 @@ the bucket's upper duration and token edges) and search the batch size:
   the caching allocator is reported). CPU: the process's peak resident memory (``VmHWM``, reset
   before each trial through ``/proc/self/clear_refs``) must stay within ``--memory-budget`` GiB;
   the heap is trimmed (``malloc_trim``) before each trial so that memory freed by an earlier,
-  larger trial does not count against the next one. Budget the whole training process: interpreter, model, optimizer
-  state and one batch, plus ``--reserve`` for data loading.
+  larger trial does not count against the next one. Budget the whole training process:
+  interpreter, model, optimizer state and one batch, plus ``--reserve`` for data loading.
 
 Output (``--out``, YAML) is a config fragment that training reads after its own config:
 ``speedasr train --config run.yaml --config calibrated.yaml``. It sets ``sampler.batch_sizes``
@@ -57,8 +57,9 @@ class BucketResult:
     tokens: int
     """Upper token edge (prompt + text); every synthetic utterance has this many tokens."""
     batch_size: int
-    peak_gib: float
-    """Memory peak of the largest fitting trial (CPU: process RSS; CUDA: allocator)."""
+    peak_gib: float | None
+    """Memory peak of the largest fitting trial (CPU: process RSS; CUDA: allocator); None when
+    the size was inherited from a dominating bucket at ``--max-batch`` without a trial."""
     trials: int
 
 
@@ -247,7 +248,9 @@ def calibrate_buckets(
                 f"bucket {k} ({d:.1f} s, {n} tokens): even one utterance does not fit the memory "
                 "limit; raise the budget or lower data.max_duration"
             )
-        results[k] = BucketResult(k, d, n, b, round(peak / GiB, 4), calibrator.trials - before)
+        trials = calibrator.trials - before
+        peak_gib = round(peak / GiB, 4) if peak else None
+        results[k] = BucketResult(k, d, n, b, peak_gib, trials)
     return [results[k] for k in range(len(shapes))]
 
 
@@ -363,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print(
             f"{r.bucket:>6} {r.duration:>8.2f} {r.tokens:>6} {r.batch_size:>6} "
-            f"{r.peak_gib:>9.3f} {r.trials:>6}"
+            f"{'-' if r.peak_gib is None else f'{r.peak_gib:.3f}':>9} {r.trials:>6}"
         )
     print(f"\n{header.strip()}")
     print(f"wrote {args.out}")

@@ -1,0 +1,116 @@
+"""`speedasr calibrate`: search logic, and a real CPU calibration that training then respects."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from speedasr.data.bucketing import BucketBins
+from speedasr.data.tokenizer import Tokenizer
+from speedasr.testing import make_tiny_cuts, tiny_texts
+from speedasr.train.calibrate import calibrate_buckets, largest_batch
+
+
+@pytest.mark.parametrize("limit", [1, 7, 37, 100, 1000])
+def test_largest_batch_is_within_the_gap(limit):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= limit, b
+
+    b, peak = largest_batch(fits, 0, max_batch=512, gap=0.05)
+    assert b <= min(limit, 512) and b >= min(limit, 512) / 1.05 - 1
+    assert peak == b
+    assert len(tried) <= 2 * 10 + 2  # doubling + bisection, not a linear scan
+
+
+def test_buckets_are_searched_largest_first_and_monotone():
+    class FakeCalibrator:
+        """Memory = 1 + B·d·L/100; the limit is 200."""
+
+        trials = 0
+        order: list = []
+
+        def fits(self, d, n, b):
+            self.trials += 1
+            self.order.append((d, n))
+            peak = 1 + b * d * n / 100
+            return peak <= 200, peak
+
+    shapes = BucketBins([2.0, 4.0, 8.0], [[10, 20], [20, 40], [50, 80]], [20, 20, 20]).shapes()
+    calibrator = FakeCalibrator()
+    results = calibrate_buckets(calibrator, shapes, max_batch=4096, gap=0.05)
+    assert calibrator.order[0] == shapes[-1]  # the largest bucket first
+    sizes = [r.batch_size for r in results]
+    for r, s in zip(results, sizes, strict=True):
+        assert 1 + s * r.duration * r.tokens / 100 <= 200  # fits
+        assert 1 + s * 1.06 * r.duration * r.tokens / 100 > 200 or s == 4096  # within ~5%
+    for a in results:  # monotone along dominance
+        for b in results:
+            if a.duration <= b.duration and a.tokens <= b.tokens:
+                assert a.batch_size >= b.batch_size
+
+
+def _peak_rss_gib(*args: str, cwd) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `speedasr ARGS` in a fresh process; its peak RSS (VmHWM) in GiB."""
+    code = (
+        "import sys; from speedasr.cli import main; rc = main(sys.argv[1:]); "
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+        "print('PEAK_KB', hwm); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=900, cwd=cwd
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("PEAK_KB")]
+    return proc, (int(lines[0].split()[1]) / 2**20 if lines else float("nan"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="CPU calibration reads /proc")
+def test_cpu_calibration_is_monotone_and_training_stays_within_budget(tmp_path):
+    make_tiny_cuts(tmp_path / "train", n=24, seed=0, speech=True)
+    Tokenizer.train(tiny_texts(200, seed=1), tmp_path / "tok", vocab_size=96)
+    BucketBins([1.5, 2.5, 3.5], [[18, 24], [28, 36], [44]], [40, 40, 40]).save(
+        tmp_path / "bins.json"
+    )
+    (tmp_path / "c.yaml").write_text(
+        "model: {d_model: 32, encoder_layers: 1, encoder_heads: 2, decoder_layers: 1,"
+        " subsampling_channels: 8, attention_backend: torch}\n"
+        "sampler: {mode: bucket2d, bins: bins.json, strict: false}\n"
+        "data: {train_cuts: train/cuts.jsonl.gz, tokenizer: tok, num_workers: 0}\n"
+        "trainer: {max_epochs: null, max_steps: 4, accelerator: cpu, devices: 1,"
+        " enable_progress_bar: false}\n"
+        "monitors: {padding: false, gpu: false, throughput: false}\n"
+    )
+    # The budget: what this interpreter needs with speedasr's training imports, plus 100 MiB.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import speedasr.train.run, speedasr.config, pytorch_lightning; "
+         "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    budget = int(probe.stdout.split()[-1]) / 2**20 + 0.1
+    proc, calib_peak = _peak_rss_gib(
+        "calibrate", "--config", "c.yaml", "--out", "cal.yaml", "--json", "cal.json",
+        "--memory-budget", f"{budget:.4f}", "--max-batch", "48", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert calib_peak <= budget * 1.02  # the calibrating process itself stayed near the budget
+    sampler = yaml.safe_load((tmp_path / "cal.yaml").read_text())["sampler"]
+    sizes = sampler["batch_sizes"]
+    assert len(sizes) == 5 and min(sizes) >= 1
+    shapes = BucketBins.load(tmp_path / "bins.json").shapes()
+    for i, (da, la) in enumerate(shapes):  # monotone non-increasing along bucket size
+        for j, (db, lb) in enumerate(shapes):
+            if da <= db and la <= lb:
+                assert sizes[i] >= sizes[j], (sizes, shapes)
+    assert sizes[0] >= sizes[-1] and sizes[-1] < 48  # the budget was binding
+
+    proc, train_peak = _peak_rss_gib(
+        "train", "--config", "c.yaml", "--config", "cal.yaml", "--out_dir", "exp", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train_peak <= budget, (train_peak, budget, sizes)
+    print(f"budget {budget:.3f} GiB, calibration peak {calib_peak:.3f}, training peak "
+          f"{train_peak:.3f}, batch sizes {sizes}")  # fmt: skip
