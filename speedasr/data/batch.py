@@ -19,7 +19,41 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class PackedBatch:
+class _BatchBase:
+    """Fields and device handling shared by both layouts (shapes differ: see the subclasses)."""
+
+    features: torch.Tensor
+    feature_segments: Segments
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    token_segments: Segments
+    prompt_lengths: tuple[int, ...]
+    cut_ids: list[str] = field(default_factory=list)
+    durations: tuple[float, ...] = ()
+    texts: list[str] = field(default_factory=list)
+    skipped_cut_ids: tuple[str, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return self.feature_segments.batch_size
+
+    @property
+    def audio_seconds(self) -> float:
+        return float(sum(self.durations))
+
+    def to(self, device: torch.device | str):
+        return replace(
+            self,
+            features=self.features.to(device, non_blocking=True),
+            feature_segments=self.feature_segments.to(device),
+            tokens=self.tokens.to(device, non_blocking=True),
+            targets=self.targets.to(device, non_blocking=True),
+            token_segments=self.token_segments.to(device),
+        )
+
+
+@dataclass
+class PackedBatch(_BatchBase):
     """B utterances, concatenated.
 
     Attributes:
@@ -37,53 +71,20 @@ class PackedBatch:
             left out of the batch and reported (counted by the training loop), never lost silently.
     """
 
-    features: torch.Tensor
-    feature_segments: Segments
-    tokens: torch.Tensor
-    targets: torch.Tensor
-    token_segments: Segments
-    prompt_lengths: tuple[int, ...]
-    cut_ids: list[str] = field(default_factory=list)
-    durations: tuple[float, ...] = ()
-    texts: list[str] = field(default_factory=list)
-    skipped_cut_ids: tuple[str, ...] = ()
-
-    @property
-    def batch_size(self) -> int:
-        return self.feature_segments.batch_size
-
-    @property
-    def audio_seconds(self) -> float:
-        return float(sum(self.durations))
-
-    def to(self, device: torch.device | str) -> PackedBatch:
-        return replace(
-            self,
-            features=self.features.to(device, non_blocking=True),
-            feature_segments=self.feature_segments.to(device),
-            tokens=self.tokens.to(device, non_blocking=True),
-            targets=self.targets.to(device, non_blocking=True),
-            token_segments=self.token_segments.to(device),
-        )
-
     def to_padded(self, pad_id: int) -> PaddedBatch:
         fs, ts = self.feature_segments, self.token_segments
         return PaddedBatch(
-            features=fs.pad(self.features),
-            feature_segments=fs,
-            tokens=ts.pad(self.tokens, pad_id),
-            targets=ts.pad(self.targets, IGNORE_INDEX),
-            token_segments=ts,
-            prompt_lengths=self.prompt_lengths,
-            cut_ids=self.cut_ids,
-            durations=self.durations,
-            texts=self.texts,
-            skipped_cut_ids=self.skipped_cut_ids,
+            **{
+                **vars(self),
+                "features": fs.pad(self.features),
+                "tokens": ts.pad(self.tokens, pad_id),
+                "targets": ts.pad(self.targets, IGNORE_INDEX),
+            }
         )
 
 
 @dataclass
-class PaddedBatch:
+class PaddedBatch(_BatchBase):
     """B utterances, right-padded to the longest.
 
     Attributes:
@@ -93,48 +94,15 @@ class PaddedBatch:
         (other fields as in ``PackedBatch``)
     """
 
-    features: torch.Tensor
-    feature_segments: Segments
-    tokens: torch.Tensor
-    targets: torch.Tensor
-    token_segments: Segments
-    prompt_lengths: tuple[int, ...]
-    cut_ids: list[str] = field(default_factory=list)
-    durations: tuple[float, ...] = ()
-    texts: list[str] = field(default_factory=list)
-    skipped_cut_ids: tuple[str, ...] = ()
-
-    @property
-    def batch_size(self) -> int:
-        return self.feature_segments.batch_size
-
-    @property
-    def audio_seconds(self) -> float:
-        return float(sum(self.durations))
-
-    def to(self, device: torch.device | str) -> PaddedBatch:
-        return replace(
-            self,
-            features=self.features.to(device, non_blocking=True),
-            feature_segments=self.feature_segments.to(device),
-            tokens=self.tokens.to(device, non_blocking=True),
-            targets=self.targets.to(device, non_blocking=True),
-            token_segments=self.token_segments.to(device),
-        )
-
     def to_packed(self) -> PackedBatch:
         fs, ts = self.feature_segments, self.token_segments
         return PackedBatch(
-            features=fs.unpad(self.features),
-            feature_segments=fs,
-            tokens=ts.unpad(self.tokens),
-            targets=ts.unpad(self.targets),
-            token_segments=ts,
-            prompt_lengths=self.prompt_lengths,
-            cut_ids=self.cut_ids,
-            durations=self.durations,
-            texts=self.texts,
-            skipped_cut_ids=self.skipped_cut_ids,
+            **{
+                **vars(self),
+                "features": fs.unpad(self.features),
+                "tokens": ts.unpad(self.tokens),
+                "targets": ts.unpad(self.targets),
+            }
         )
 
 

@@ -7,16 +7,6 @@ from speedasr.data.batch import IGNORE_INDEX, PackedBatch
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.nn.segments import Segments
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only add contention on shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 EOT, VOCAB = 1, 40
 
 

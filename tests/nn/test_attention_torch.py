@@ -12,15 +12,6 @@ from speedasr.nn.attention_torch import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only add contention on shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference(q, k, v, lq, lk, causal):
     """Float64 explicit-softmax attention per segment (bottom-right causal, empty rows -> 0)."""
     out, oq, ok = [], 0, 0

@@ -12,16 +12,6 @@ from speedasr.nn.conformer import (
 from speedasr.nn.layout import PackedLayout, PaddedLayout
 from speedasr.nn.segments import Segments
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only add contention on shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 N_MELS = 20
 
 
