@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from speedasr.kernels import flash_varlen_kernels as K
 from torch.utils.weak import WeakIdKeyDictionary
 from triton.runtime.jit import JITFunction
+
+from . import flash_varlen_kernels as K
 
 __all__ = ["flash_attn_varlen", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd", "supports"]
 
@@ -38,20 +39,31 @@ __all__ = ["flash_attn_varlen", "flash_attn_varlen_fwd", "flash_attn_varlen_bwd"
 _INTERPRET = not isinstance(K.fwd_kernel, JITFunction)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# One head is one tile of next_power_of_2(D) columns; past 256 the q/k/v/accumulator tiles no
-# longer fit in registers and shared memory at useful block sizes.
+# One head is one tile of next_power_of_2(D) columns. Past 256 (128 for fp32's 4-byte elements)
+# the q/k/v/accumulator tiles no longer fit registers and shared memory even at 32 x 32 tiles:
+# ptxas reports kilobytes of spills and, for fp32 D=256, more shared memory than an A100 has.
 MAX_HEAD_DIM = 256
+MAX_HEAD_DIM_FP32 = 128
+
+
+def _max_head_dim(dtype: torch.dtype) -> int:
+    return MAX_HEAD_DIM_FP32 if dtype == torch.float32 else MAX_HEAD_DIM
+
+
 _LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
 class _Blocks:
-    """Tile sizes for one (head dim, dtype). Starting points, not tuned on hardware (no GPU here).
+    """Tile sizes and warps for one (head dim, dtype).
 
-    The forward keeps one q tile, one k and one v tile and the fp32 accumulator live: 64x64 is the
-    usual sweet spot for D <= 128 in 16-bit. fp32 elements and D > 128 double the bytes per tile,
-    so the key step halves to stay within shared memory. The backward keeps two extra fp32
-    accumulators (dK and dV, or dQ) live, so its inner step is half the outer tile.
+    Not timed on hardware (no GPU here), but checked by compiling every kernel for sm_80 with the
+    bundled ptxas (``python -m speedasr.kernels.compile_check``) and reading its register/spill
+    report: the largest power-of-two tiles whose spills stay at zero or a few hundred bytes. The
+    forward keeps a query tile, a key and a value tile and an fp32 accumulator live; the backward
+    two extra fp32 accumulators (dK and dV, or dQ), so its inner step is half its outer tile.
+    fp32 elements and heads wider than 128 double the bytes per tile, so their tiles halve; heads
+    wider than 64 need 8 warps to spread the accumulators.
     """
 
     fwd_m: int  # query rows per forward program
@@ -60,19 +72,22 @@ class _Blocks:
     bwd_q_step: int  # queries per dK/dV inner step
     bwd_q: int  # query rows per dQ program
     bwd_kv_step: int  # keys per dQ inner step
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int
+    num_stages: int = 2  # double-buffer the next K/V (or Q/dO) block behind the current matmuls
 
 
 def supports(q: torch.Tensor) -> bool:
     """Whether these kernels handle q's dtype and head dim (``packed_attention``'s auto choice)."""
-    return q.dim() == 3 and q.dtype in SUPPORTED_DTYPES and 1 <= q.shape[-1] <= MAX_HEAD_DIM
+    if q.dim() != 3 or q.dtype not in SUPPORTED_DTYPES:
+        return False
+    return 1 <= q.shape[-1] <= _max_head_dim(q.dtype)
 
 
 def _blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
-    if head_dim > 128 or (dtype == torch.float32 and head_dim > 64):
-        return _Blocks(fwd_m=64, fwd_n=32, bwd_kv=32, bwd_q_step=32, bwd_q=32, bwd_kv_step=32)
-    return _Blocks(fwd_m=64, fwd_n=64, bwd_kv=64, bwd_q_step=32, bwd_q=64, bwd_kv_step=32)
+    warps = 4 if head_dim <= 64 else 8
+    if dtype == torch.float32 or head_dim > 128:
+        return _Blocks(32, 32, 32, 32, 32, 32, num_warps=warps)
+    return _Blocks(64, 64, 64, 32, 64, 32, num_warps=warps)
 
 
 def _block_d(head_dim: int) -> int:
@@ -135,8 +150,11 @@ def _check_inputs(
         raise ValueError(
             f"flash_attn_varlen: head dims differ: q {head_dim}, k {k.shape[2]}, v {v.shape[2]}"
         )
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"flash_attn_varlen: head dim {head_dim} not in [1, {MAX_HEAD_DIM}]")
+    if not 1 <= head_dim <= _max_head_dim(q.dtype):
+        raise ValueError(
+            f"flash_attn_varlen: head dim {head_dim} not in [1, {_max_head_dim(q.dtype)}] "
+            f"for {q.dtype}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(

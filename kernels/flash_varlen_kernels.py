@@ -11,7 +11,8 @@ a sequence) pay for the compare-and-select over the whole tile.
 
 Constexpr choices: HEAD_DIM/BLOCK_* size register tiles (``tl.arange`` needs compile-time powers of
 two); CAUSAL and MASKED remove mask arithmetic from the code paths that do not need it;
-DOT_PRECISION picks the matmul instruction ("ieee" keeps fp32 inputs fp32-exact instead of TF32).
+DOT_PRECISION picks the matmul instruction (3xTF32 or IEEE keep fp32 inputs fp32-accurate where
+plain TF32 would not; see ``_dot_precision`` in flash_varlen.py).
 Sequence lengths and offsets are runtime values, so one compiled kernel serves every length mix
 and a new batch never triggers recompilation.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ class DataConfig:
     """Where the data comes from and how it is turned into batches."""
 
     train_cuts: str = ""
-    """Training cutset (lhotse ``.jsonl.gz``)."""
+    """Training cutset: lhotse ``.jsonl.gz``, or a Shar directory (``speedasr data export-shar``;
+    streamed, see ``speedasr.data.shar``)."""
     dev_cuts: str | None = None
     """Validation cutset; validation loss and WER are logged when set."""
     tokenizer: str = ""
@@ -91,19 +93,25 @@ class AsrDataModule(pl.LightningDataModule):
             self.dev_cuts = cuts
 
     def _load(self, name: str, path: str) -> CutSet:
-        cuts = load_cuts(path)
-        accepted, report = validate_cuts(
-            cuts,
+        """Validated cuts of a ``.jsonl.gz`` manifest (eager) or a Shar directory (lazy)."""
+        from speedasr.data.shar import is_shar_dir, load_validated_shar
+
+        checks = dict(
             max_duration=self.cfg.max_duration,
             check_audio=self.cfg.check_audio,
             allow_command_sources=self.cfg.allow_command_sources,
         )
+        shar = is_shar_dir(path)
+        if shar:
+            accepted, report = load_validated_shar(path, **checks)
+        else:
+            accepted, report = validate_cuts(load_cuts(path), **checks)
         self.reports[name] = report
         if self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)
             report.write(self.report_dir / f"rejects_{name}.jsonl")
         log.info("%s cuts: %s", name, report.summary())
-        return accepted.to_eager()
+        return accepted if shar else accepted.to_eager()
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         trainer = self.trainer
@@ -132,6 +140,12 @@ class AsrDataModule(pl.LightningDataModule):
         return self._loader(AsrDataset(self.tokenizer, layout=self.cfg.layout), sampler)
 
     def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+        if self.cfg.num_workers > 0:
+            # Workers are forked from this process each epoch. Python's garbage collector in a
+            # worker would touch (and so copy) every object it inherited — the whole cutset —
+            # turning shared pages private; frozen objects are left alone.
+            gc.collect()
+            gc.freeze()
         # A private generator: otherwise every ``iter(loader)`` draws its worker base seed from
         # torch's global generator, which would shift dropout after a resume.
         return torch.utils.data.DataLoader(

@@ -59,7 +59,7 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
                 monitor="step",
                 mode="max",
                 save_top_k=cfg.checkpoint.keep,
-                save_last=True,
+                save_last=False,  # one writer of last.ckpt; `resume: last` takes the newest file
             )
         )
     progress = TrainingProgress(cfg.seed, record_dir=out_dir if cfg.record_batches else None)
@@ -75,9 +75,16 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> str | None:
+    """``"last"``: the newest checkpoint in ``out_dir/checkpoints`` (``last.ckpt`` or a newer
+    mid-epoch ``step{N}.ckpt``); otherwise the path itself."""
     if resume is None:
         return None
-    path = out_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    path = Path(resume)
+    if resume == "last":
+        found = sorted(
+            (out_dir / "checkpoints").glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name)
+        )
+        path = found[-1] if found else out_dir / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise UserError(f"resume checkpoint '{path}' does not exist")
     return str(path)

@@ -163,10 +163,15 @@ def synthetic_batch(duration: float, tokens: int, batch_size: int, cfg, layout: 
 class Calibrator:
     """Model + optimizer as in training; ``fits(d, L, B)`` runs one real step on a worst case."""
 
-    def __init__(self, model_cfg, optim_cfg, layout: str, device: torch.device, limit) -> None:
+    def __init__(
+        self, model_cfg, optim_cfg, layout: str, device: torch.device, limit, precision: str
+    ) -> None:
         from speedasr.models.aed import AEDModel
 
         self.cfg, self.layout, self.device, self.limit = model_cfg, layout, device, limit
+        # Mixed precision as in training (Lightning's "bf16-mixed"/"16-mixed" are autocast).
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+        self.autocast = dtype if precision.endswith("mixed") else None
         self.model = AEDModel(model_cfg).to(device).train()
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
@@ -180,7 +185,8 @@ class Calibrator:
         self._step(synthetic_batch(1.0, PROMPT_TOKENS + 1, 1, model_cfg, layout))  # Adam state
 
     def _step(self, batch) -> None:
-        out = self.model(batch.to(self.device))
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            out = self.model(batch.to(self.device))
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -329,7 +335,9 @@ def run(args: argparse.Namespace) -> int:
         limit_text = f"process peak RSS <= {args.memory_budget} GiB - {args.reserve} GiB reserve"
     torch.manual_seed(0)
     start = time.time()
-    calibrator = Calibrator(model_cfg, cfg.optim, cfg.data.layout, device, limit)
+    calibrator = Calibrator(
+        model_cfg, cfg.optim, cfg.data.layout, device, limit, str(cfg.trainer.precision)
+    )
     results = calibrate_buckets(calibrator, bins.shapes(), args.max_batch, args.gap)
     seconds = time.time() - start
 

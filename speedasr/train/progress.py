@@ -60,8 +60,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def host_rss_bytes(pid: int | None = None) -> int | None:
+    """Memory of a process and all its descendants (DataLoader workers), in bytes: the sum of
+    their proportional set sizes (PSS: a page shared by n processes counts 1/n in each, so
+    copy-on-write pages of forked workers are not counted twice as with RSS). Falls back to RSS
+    without ``smaps_rollup``; None where /proc is not available."""
+    import os
+
+    root = pid or os.getpid()
+    try:
+        children: dict[int, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    stat = Path(entry.path, "stat").read_text()
+                except OSError:
+                    continue
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+        total, todo = 0, [root]
+        while todo:
+            p = todo.pop()
+            total += _process_memory(p)
+            todo += children.get(p, [])
+        return total
+    except OSError:
+        return None
+
+
+def _process_memory(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+_RSS_EVERY = 10
+"""Training steps between host-memory samples."""
+
+
 class TrainingProgress(pl.Callback):
-    """Counts consumed training batches per epoch, seeds each batch, saves RNG states.
+    """Counts consumed training batches per epoch, seeds each batch, saves RNG states; logs
+    the peak host memory of each epoch (``host/rss_mib``: PSS of this process and its DataLoader
+    workers, sampled every 10 steps).
 
     Args:
         seed: the run's seed.
@@ -75,6 +124,7 @@ class TrainingProgress(pl.Callback):
         self.record_dir = Path(record_dir) if record_dir else None
         self.epoch = -1
         self.batches = 0
+        self._epoch_rss = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         epoch = trainer.current_epoch
@@ -96,6 +146,17 @@ class TrainingProgress(pl.Callback):
             self.record_dir.mkdir(parents=True, exist_ok=True)
             with open(self.record_dir / f"batches_rank{trainer.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % _RSS_EVERY == 0:  # workers are alive now, unlike at epoch end
+            rss = host_rss_bytes()
+            self._epoch_rss = max(self._epoch_rss, rss or 0)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        rss = max(self._epoch_rss, host_rss_bytes() or 0)
+        self._epoch_rss = 0
+        if rss:  # memory must stay flat across epochs (docs/benchmarks.md, "Host memory")
+            pl_module.log("host/rss_mib", rss / 2**20, on_epoch=True, on_step=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(), "epoch": self.epoch, "batches": self.batches}

@@ -45,7 +45,11 @@ def main(argv: list[str]) -> int:
         import json
 
         cfg = parse_config([a for a in argv if a != "--print-config"])
-        print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        plain = {
+            k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            for k, v in vars(cfg).items()
+        }
+        print(json.dumps(plain, indent=2, default=str))
         return 0
     return train(parse_config(argv))
 

@@ -42,6 +42,7 @@ def test_benchmark_rows_count_forced_tokens_and_flops():
     ]  # fmt: skip
     for r in rows:
         assert r["rtfx"] > 0 and r["encoder_s"] > 0 and r["decoder_s"] > 0
+        assert r["speedup_paired"] > 0
         # one decoder call per forced token of the longest utterance of each batch
         assert r["decoder_steps"] == (5 + 2 + 7 if r["batch_size"] == 1 else 5 + 7)
     by_name = {r["name"]: r for r in rows}

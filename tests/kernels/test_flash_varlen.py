@@ -65,15 +65,8 @@ def _max_err(a, b) -> float:
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize(
-    "head_dim,dtype",
-    [(64, torch.float32), (128, torch.float32), (64, torch.float16), (128, torch.float16)],
-    ids=["d64-fp32", "d128-fp32", "d64-fp16", "d128-fp16"],
-)
-@pytest.mark.parametrize("name,len_q,len_k", CASES, ids=[c[0] for c in CASES])
-def test_matches_reference(name, len_q, len_k, head_dim, dtype, causal):
-    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, head_dim, dtype)
+def _check_against_reference(len_q, len_k, head_dim, dtype, causal, seed=0):
+    q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, head_dim, dtype, seed)
     out, grads = _run(_kernel(cu_q, cu_k, len_q, len_k, causal), q, k, v, grad)
     out_ref, grads_ref = _run(_ref(cu_q, cu_k, causal), q.float(), k.float(), v.float(), grad)
 
@@ -94,6 +87,17 @@ def test_matches_reference(name, len_q, len_k, head_dim, dtype, causal):
             assert err <= 2 * err_pt + 1e-4, f"{what}: kernel {err:.2e} vs plain fp16 {err_pt:.2e}"
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "head_dim,dtype",
+    [(64, torch.float32), (128, torch.float32), (64, torch.float16), (128, torch.float16)],
+    ids=["d64-fp32", "d128-fp32", "d64-fp16", "d128-fp16"],
+)
+@pytest.mark.parametrize("name,len_q,len_k", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(name, len_q, len_k, head_dim, dtype, causal):
+    _check_against_reference(len_q, len_k, head_dim, dtype, causal)
+
+
 def test_causal_diagonal_sweep():
     # The causal offset diag = Lk - Lq decides which key blocks are fully visible (run unmasked)
     # and which straddle the diagonal (masked). Offsets within +-2 of every multiple of the 32-
@@ -109,17 +113,14 @@ def test_causal_diagonal_sweep():
         assert _max_err(got, want) <= 1e-5 * max(1.0, want.abs().max().item())
 
 
-def test_odd_head_dims():
+@pytest.mark.parametrize(
+    "head_dim,dtype", [(40, torch.float32), (8, torch.float32), (160, torch.float16)]
+)
+def test_odd_head_dims(head_dim, dtype):
     # Head dims that are not powers of two run in the next power-of-two tile with masked columns
-    # (40 -> 64 columns; 8 -> the 16-column minimum of tl.dot; 160 -> 256, the small-tile config).
-    for head_dim in (40, 8, 160):
-        len_q, len_k = [65, 3], [33, 130]
-        for causal in (False, True):
-            q, k, v, cu_q, cu_k, grad = _inputs(len_q, len_k, head_dim, torch.float32, seed=3)
-            out, grads = _run(_kernel(cu_q, cu_k, len_q, len_k, causal), q, k, v, grad)
-            out_ref, grads_ref = _run(_ref(cu_q, cu_k, causal), q, k, v, grad)
-            for got, want in zip((out, *grads), (out_ref, *grads_ref), strict=True):
-                assert _max_err(got, want) <= 1e-5 * max(1.0, want.abs().max().item())
+    # (40 -> 64 columns; 8 -> the 16-column minimum of tl.dot; 160 -> 256, the wide-head config).
+    for causal in (False, True):
+        _check_against_reference([65, 3], [33, 130], head_dim, dtype, causal, seed=3)
 
 
 def test_log_sum_exp_and_queries_without_keys():
@@ -216,6 +217,11 @@ BAD_CALLS = [
         dict(q=torch.randn(8, 2, 512), k=torch.randn(10, 2, 512), v=torch.randn(10, 2, 512)),
         "not in",
     ),  # fmt: skip
+    (
+        "fp32 head dim",
+        dict(q=torch.randn(8, 2, 160), k=torch.randn(10, 2, 160), v=torch.randn(10, 2, 160)),
+        r"not in \[1, 128\]",
+    ),
     ("heads", dict(v=lambda c: c["v"][:, :1]), "head counts"),
     ("k vs v tokens", dict(v=lambda c: c["v"][:9]), "tokens"),
     ("2-D q", dict(q=lambda c: c["q"][:, 0]), "must be"),
@@ -283,6 +289,7 @@ def test_packed_attention_triton_backend():
     assert _auto_backend(q) == "torch"  # CPU tensors never pick the Triton kernels
     assert fv.supports(q) and fv.supports(q.half())
     assert not fv.supports(q.double()) and not fv.supports(torch.zeros(2, 1, 512))
+    assert fv.supports(torch.zeros(2, 1, 160).half()) and not fv.supports(torch.zeros(2, 1, 160))
 
 
 def test_registered_op_traces_with_fake_tensors():

@@ -10,9 +10,18 @@ import pytest
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.testing import make_tiny_cuts, tiny_texts
 
-pytestmark = pytest.mark.slow
+
+def test_fsdp_on_cpu_is_a_clear_error_before_any_work():
+    from speedasr.config import TrainerConfig
+    from speedasr.errors import UserError
+    from speedasr.train.run import check_trainer_config
+
+    with pytest.raises(UserError, match="FSDP is CUDA only"):
+        check_trainer_config(TrainerConfig(strategy="fsdp", accelerator="cpu"))
+    check_trainer_config(TrainerConfig(strategy="ddp", accelerator="cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp"])
 def test_two_process_run_has_equal_steps_and_no_repeated_cut(tmp_path, strategy):
     cuts = make_tiny_cuts(tmp_path / "train", n=16, seed=0, speech=True)

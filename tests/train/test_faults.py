@@ -151,7 +151,7 @@ def test_bad_entries_are_reported_and_training_finishes(tmp_path):
         "model: {d_model: 32, encoder_layers: 1, encoder_heads: 2, decoder_layers: 1,"
         " subsampling_channels: 8}\n"
         "sampler: {mode: packed, max_duration: 8.0, num_buckets: 2, num_token_buckets: 1}\n"
-        "trainer: {max_epochs: 2, enable_progress_bar: false, accelerator: cpu, devices: 1}\n"
+        "trainer: {max_epochs: 1, enable_progress_bar: false, accelerator: cpu, devices: 1}\n"
         "monitors: {padding: false, gpu: false, throughput: false}\n"
         "data: {num_workers: 1, max_duration: 8.0}\n"
     )

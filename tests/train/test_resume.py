@@ -27,7 +27,7 @@ model: {d_model: 32, encoder_layers: 1, encoder_heads: 2, decoder_layers: 1,
         subsampling_channels: 8, dropout: 0.1, attention_backend: torch}
 sampler: {mode: packed, max_duration: 7.0, num_buckets: 2, num_token_buckets: 1}
 optim: {lr: 0.003, warmup_steps: 2}
-trainer: {max_epochs: null, max_steps: 9, enable_progress_bar: false, log_every_n_steps: 1,
+trainer: {max_epochs: null, max_steps: 7, enable_progress_bar: false, log_every_n_steps: 1,
           accelerator: cpu, devices: 1}
 monitors: {padding: false, gpu: false, throughput: false}
 checkpoint: {every_n_steps: 3, keep: -1}
@@ -63,19 +63,22 @@ def batches(path: Path) -> list[dict]:
 def test_resume_mid_epoch_gives_identical_batches_and_weights(corpus):
     train(corpus, "full")
     full = batches(corpus / "full/batches_rank0.jsonl")
-    assert [b["step"] for b in full] == list(range(9))
+    assert [b["step"] for b in full] == list(range(7))
     epochs = [b["epoch"] for b in full]
     assert epochs[3] == epochs[2] == 0 and 1 in epochs  # step 3 is mid-epoch; epochs roll over
 
     ckpt = corpus / "full/checkpoints/step3.ckpt"
     assert ckpt.is_file()
+    assert sorted(p.name for p in (corpus / "full/checkpoints").iterdir()) == [
+        "last.ckpt", "step3.ckpt", "step6.ckpt",
+    ]  # fmt: skip
     train(corpus, "resumed", "--resume", str(ckpt))
     resumed = batches(corpus / "resumed/batches_rank0.jsonl")
     assert resumed == full[3:]  # same cuts, same order, same epoch/index/step
 
     a = torch.load(corpus / "full/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(corpus / "resumed/checkpoints/last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 9
+    assert a["global_step"] == b["global_step"] == 7
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name  # bitwise
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
@@ -121,3 +124,20 @@ def test_resumable_sampler_skips_to_the_same_batches(mode):
     assert epoch_batches(skip=4) == full[4:]
     assert epoch_batches(skip=4, epoch=2) == epoch_batches(epoch=2)  # only in its epoch
     assert full[0][1] == batch_seed(5, 1, 0, 0)
+
+
+def test_resume_last_takes_the_newest_checkpoint(tmp_path):
+    import os
+
+    from speedasr.errors import UserError
+    from speedasr.train.builder import resolve_resume
+
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_resume("last", tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name, mtime in [("last.ckpt", 100), ("step2000.ckpt", 300), ("step1000.ckpt", 200)]:
+        (ckpts / name).write_bytes(b"")
+        os.utime(ckpts / name, (mtime, mtime))
+    assert resolve_resume("last", tmp_path) == str(ckpts / "step2000.ckpt")
+    assert resolve_resume(str(ckpts / "last.ckpt"), tmp_path) == str(ckpts / "last.ckpt")
