@@ -1,9 +1,9 @@
 """`speedasr` command line: one table of commands, each implemented by a module.
 
 A command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``, or
-``main(argv) -> int | None`` when it parses its own arguments (``train``: typed configs). Modules are
-imported only when their command runs, so ``speedasr --help`` is instant and one command's heavy
-imports never slow another. Errors meant for the user (``UserError``) print as one line, exit 2.
+``main(argv) -> int | None`` when it parses its own arguments (``train``: typed configs).
+Modules are imported only when their command runs, so ``speedasr --help`` is instant and one
+command's heavy imports never slow another. Errors meant for the user (``UserError``) print as one line, exit 2.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from speedasr.errors import UserError
 
 # (command words, implementing module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("data", "synth"), "speedasr.data.corpus", "synthesize the embedded speech corpus (eSpeak NG)"),
+    (
+        ("data", "synth"),
+        "speedasr.data.corpus",
+        "synthesize the embedded speech corpus (eSpeak NG)",
+    ),
     (("data", "import"), "speedasr.data.importers", "import NeMo JSON-lines or TSV manifests"),
     (("data", "validate"), "speedasr.data.manifests", "validate a cutset, write a rejects report"),
     (("data", "export-shar"), "speedasr.data.shar", "export a cutset to lhotse Shar shards"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 import jiwer
 
@@ -36,7 +36,7 @@ def word_error_rate(
     if num_ref_words == 0:
         return 0.0 if all(not t for t in h) else 1.0
     edits = 0
-    for ref, hyp in zip(r, h):
+    for ref, hyp in zip(r, h, strict=False):
         if not ref:
             edits += len(hyp.split())
         elif not hyp:

@@ -58,4 +58,6 @@ def test_eval_missing_cuts_and_bad_checkpoint(tmp_path):
     bad = tmp_path / "x.ckpt"
     bad.write_text("this is not a checkpoint")
     one_line_error(run_cli("eval", "--ckpt", str(bad), "--cuts", "c.jsonl.gz"), "x.ckpt")
-    one_line_error(run_cli("transcribe", "--ckpt", str(tmp_path / "none.ckpt"), "a.wav"), "none.ckpt")
+    one_line_error(
+        run_cli("transcribe", "--ckpt", str(tmp_path / "none.ckpt"), "a.wav"), "none.ckpt"
+    )

@@ -5,7 +5,9 @@ from speedasr.metrics import normalize_text, word_error_rate
 
 def test_normalize():
     assert normalize_text("Hello,  World!") == "hello world"
-    assert normalize_text("Hello, World!", lowercase=False, strip_punctuation=False) == "Hello, World!"
+    assert (
+        normalize_text("Hello, World!", lowercase=False, strip_punctuation=False) == "Hello, World!"
+    )
 
 
 def test_wer_hand_computed():

@@ -124,7 +124,9 @@ def run_benchmark(
         stats = sum(
             (
                 batch_padding(
-                    b.feature_segments.lengths, b.token_segments.lengths, packed=strategy == "packed"
+                    b.feature_segments.lengths,
+                    b.token_segments.lengths,
+                    packed=strategy == "packed",
                 )
                 for b in batches
             ),
@@ -212,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
                 "packed_over_bucket2d": speed_2d,
                 "memory_per_audio_second_packed_over_bucket2d": mem_2d,
             },
-            "settings": {k: v for k, v in vars(args).items() if k != "set"} | {"model": asdict(cfg)},
+            "settings": {k: v for k, v in vars(args).items() if k != "set"}
+            | {"model": asdict(cfg)},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

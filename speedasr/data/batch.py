@@ -1,7 +1,7 @@
 """Batch types handed from the collator to the model.
 
-``PackedBatch`` is the default: utterances concatenated, zero padding. ``PaddedBatch`` is the classic
-layout, kept for comparison and for users whose models need padding. Both carry the same
+``PackedBatch`` is the default: utterances concatenated, zero padding. ``PaddedBatch`` is the
+classic layout, kept for comparison and for users whose models need padding. Both carry the same
 ``Segments`` descriptors (built once, in the collator), so converting between them is cheap and
 exact.
 """

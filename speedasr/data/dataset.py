@@ -48,11 +48,13 @@ class SpecAugmentConfig:
     """Time warping strength; 0 disables it (it costs more than it helps for tiny models)."""
 
 
-def decoder_sequences(tokenizer: Tokenizer, text: str, language: str) -> tuple[list[int], list[int]]:
+def decoder_sequences(
+    tokenizer: Tokenizer, text: str, language: str
+) -> tuple[list[int], list[int]]:
     """Decoder input and target ids of one utterance, ``L = prompt + text`` positions each.
 
     inputs:  ``<sot> <lang> <task> <pnc> t1 ... tn``
-    targets: ``IGNORE ... IGNORE t1 ... tn <eot>`` (the first ``prompt - 1`` positions carry no loss)
+    targets: ``IGNORE ... IGNORE t1 ... tn <eot>`` (first ``prompt - 1``: no loss)
     """
     prompt, text_ids = tokenizer.prompt(language), tokenizer.encode(text)
     inputs = prompt + text_ids

@@ -2,14 +2,14 @@
 training logs.
 
 Everything is counted from per-utterance lengths, so it needs no tensors and works on metadata
-alone. A batch costs what its layout computes: a padded batch computes ``B × max`` positions on every
-axis, a packed batch computes exactly the real ones.
+alone. A batch costs what its layout computes: a padded batch computes ``B × max`` positions on
+every axis, a packed batch computes exactly the real ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 FRAME_SHIFT_SECONDS = 0.01
 """Feature frame shift: lhotse's default fbank (25 ms window, 10 ms shift)."""
@@ -78,9 +78,7 @@ class PaddingStats:
 
         return {
             "padding_frames": frac(self.frames_real, self.frames_computed),
-            "padding_encoder_frames": frac(
-                self.encoder_frames_real, self.encoder_frames_computed
-            ),
+            "padding_encoder_frames": frac(self.encoder_frames_real, self.encoder_frames_computed),
             "padding_tokens": frac(self.tokens_real, self.tokens_computed),
             "padding_attention": frac(self.attention_real, self.attention_computed),
             "padding_attention_encoder": frac(self.attn_encoder_real, self.attn_encoder_computed),
@@ -105,7 +103,9 @@ def batch_padding(
     """
     if len(frames) != len(tokens):
         raise ValueError(f"{len(frames)} frame lengths but {len(tokens)} token lengths")
-    enc = list(encoder_frames) if encoder_frames is not None else [encoder_length(t) for t in frames]
+    enc = (
+        list(encoder_frames) if encoder_frames is not None else [encoder_length(t) for t in frames]
+    )
     b = len(frames)
     real = dict(
         frames_real=sum(frames),
@@ -113,7 +113,7 @@ def batch_padding(
         tokens_real=sum(tokens),
         attn_encoder_real=sum(t * t for t in enc),
         attn_decoder_real=sum(n * n for n in tokens),
-        attn_cross_real=sum(n * t for n, t in zip(tokens, enc)),
+        attn_cross_real=sum(n * t for n, t in zip(tokens, enc, strict=False)),
     )
     if packed:
         computed = {k.replace("_real", "_computed"): v for k, v in real.items()}

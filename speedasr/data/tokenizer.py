@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import sentencepiece as spm
 
@@ -176,7 +177,9 @@ class Tokenizer:
                 out.append(i)
         return self.sp.decode(out)
 
-    def prompt(self, language: str = "en", task: str = "transcribe", pnc: bool = False) -> list[int]:
+    def prompt(
+        self, language: str = "en", task: str = "transcribe", pnc: bool = False
+    ) -> list[int]:
         """Canary-style prompt: ``<|startoftranscript|> <|lang|> <|task|> <|pnc|>|<|nopnc|>``."""
         if language not in self.languages:
             raise UserError(

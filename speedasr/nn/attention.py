@@ -57,7 +57,9 @@ def packed_attention(
         try:
             from flash_attn import flash_attn_varlen_func
         except ImportError:
-            raise ValueError("attention backend 'flash_attn' needs the flash-attn package") from None
+            raise ValueError(
+                "attention backend 'flash_attn' needs the flash-attn package"
+            ) from None
         return flash_attn_varlen_func(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             softmax_scale=softmax_scale, causal=causal,

@@ -8,8 +8,8 @@ reused by every layer, so no layer recomputes offsets or synchronizes with the d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from speedasr.kernels.reference import attention_ref
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+from speedasr.kernels.reference import attention_ref
 
 
 def _offsets(lengths):

@@ -6,8 +6,8 @@ import torch
 from speedasr.data.dataset import AsrDataset
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.models.aed import ModelConfig
-from speedasr.train.module import AsrModule, OptimConfig, lr_lambda
 from speedasr.testing import make_tiny_cuts, tiny_texts
+from speedasr.train.module import AsrModule, OptimConfig, lr_lambda
 
 
 def tiny_model_config(tok: Tokenizer) -> ModelConfig:
@@ -57,7 +57,7 @@ def test_flops_per_batch_counts_real_content(tmp_path):
     module = AsrModule.build(cfg, OptimConfig(), tok)
     expected = sum(
         count_flops(cfg, t, n).training
-        for t, n in zip(batch.feature_segments.lengths, batch.token_segments.lengths)
+        for t, n in zip(batch.feature_segments.lengths, batch.token_segments.lengths, strict=False)
     )
     assert module.flops_per_batch(batch) == expected
     assert module.flops_per_batch(batch.to_padded(tok.pad_id)) == expected
