@@ -3,7 +3,8 @@
 A command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``, or
 ``main(argv) -> int | None`` when it parses its own arguments (``train``: typed configs).
 Modules are imported only when their command runs, so ``speedasr --help`` is instant and one
-command's heavy imports never slow another. Errors meant for the user (``UserError``) print as one line, exit 2.
+command's heavy imports never slow another. Errors meant for the user (``UserError``) print as
+one line and exit with code 2.
 """
 
 from __future__ import annotations
