@@ -129,7 +129,7 @@ class AsrDataModule(pl.LightningDataModule):
         dataset = AsrDataset(
             self.tokenizer, layout=self.cfg.layout, spec_augment=self.cfg.spec_augment
         )
-        return self._loader(SeededBatches(dataset), self._train_sampler)
+        return self._loader(SeededBatches(dataset), self._train_sampler, persistent=True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if self.dev_cuts is None:
@@ -139,11 +139,15 @@ class AsrDataModule(pl.LightningDataModule):
             sampler = DynamicCutSampler(self.dev_cuts, max_duration=self.cfg.val_batch_duration)
         return self._loader(AsrDataset(self.tokenizer, layout=self.cfg.layout), sampler)
 
-    def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
-        if self.cfg.num_workers > 0:
-            # Workers are forked from this process each epoch. Python's garbage collector in a
-            # worker would touch (and so copy) every object it inherited — the whole cutset —
-            # turning shared pages private; frozen objects are left alone.
+    def _loader(self, dataset, sampler, persistent: bool = False) -> torch.utils.data.DataLoader:
+        workers = self.cfg.num_workers
+        if workers > 0:
+            # Workers are forked from this process. Every page they write to — Python's garbage
+            # collector touching inherited objects (the whole cutset), malloc reusing free chunks
+            # of the inherited heap — becomes a private copy. So training workers are forked once,
+            # while this process is still small, and kept (persistent: re-forking each epoch from
+            # a grown training process made host memory climb epoch after epoch), and objects
+            # alive now are frozen out of the collector's reach.
             gc.collect()
             gc.freeze()
         # A private generator: otherwise every ``iter(loader)`` draws its worker base seed from
@@ -153,7 +157,7 @@ class AsrDataModule(pl.LightningDataModule):
             sampler=sampler,
             batch_size=None,
             num_workers=self.cfg.num_workers,
-            persistent_workers=False,
+            persistent_workers=persistent and workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
         )
 

@@ -63,6 +63,7 @@ def train(cfg) -> int:
     from speedasr.train.builder import build_callbacks, build_logger, resolve_resume
     from speedasr.train.faults import FaultMonitor
     from speedasr.train.module import AsrModule
+    from speedasr.train.progress import limit_heap_arenas
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not cfg.data.train_cuts:
@@ -74,6 +75,7 @@ def train(cfg) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
+    limit_heap_arenas()  # host memory stays flat across epochs (docs/benchmarks.md)
 
     datamodule = AsrDataModule(cfg.data, cfg.sampler, seed=cfg.seed, report_dir=str(out_dir))
     model_cfg = cfg.model
