@@ -39,7 +39,7 @@ def read_checkpoint(path: str | Path) -> dict:
             f"checkpoint '{path}' was refused: it holds objects that could run code when loaded "
             f"({first})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch.load raises many types on garbage (IndexError, KeyError, ...)
         raise UserError(
             f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})"
         ) from None
