@@ -42,13 +42,20 @@ class StrategyResult:
     padding: dict[str, float]
 
 
-def sampler_config(strategy: str, budget: float):
+def sampler_config(strategy: str, budget: float, total_seconds: float):
+    from speedasr.bench.padding import auto_buckets
     from speedasr.data.sampling import SamplerConfig
 
     if strategy == "random":
         return SamplerConfig(mode="random", max_duration=budget, shuffle=True)
     if strategy == "bucket2d":
-        return SamplerConfig(mode="bucket2d", max_duration=budget, shuffle=True)
+        # As many 2D buckets as the corpus fills (the padding bench's rule): too many buckets for
+        # a small corpus would leave bucket2d's batches underfilled and the comparison unfair.
+        n_d, n_k = auto_buckets(total_seconds, budget)
+        return SamplerConfig(
+            mode="bucket2d", max_duration=budget, shuffle=True, num_buckets=n_d,
+            num_token_buckets=n_k,
+        )  # fmt: skip
     # One bucket: a plain shuffled order, packed up to the budget of real audio.
     return SamplerConfig(
         mode="packed", max_duration=budget, num_buckets=1, num_token_buckets=1, shuffle=True,
@@ -60,7 +67,8 @@ def collate_batches(cuts, tokenizer, strategy: str, budget: float, steps: int, s
     from speedasr.data.dataset import AsrDataset
     from speedasr.data.sampling import build_sampler
 
-    sampler = build_sampler(cuts, sampler_config(strategy, budget), tokenizer, seed=seed)
+    total = sum(c.duration for c in cuts)
+    sampler = build_sampler(cuts, sampler_config(strategy, budget, total), tokenizer, seed=seed)
     dataset = AsrDataset(tokenizer, layout="packed" if strategy == "packed" else "padded")
     return [dataset[batch_cuts] for batch_cuts in islice(iter(sampler), steps)]
 
