@@ -99,6 +99,9 @@ def train(cfg) -> int:
     start = time.time()
     # weights_only: a checkpoint from someone else cannot run code (speedasr's hold plain values).
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    # Lightning's save_last copies last.ckpt only when a top-k checkpoint is written, so after a
+    # validation that did not improve it would hold older weights: write the final state here.
+    trainer.save_checkpoint(str(out_dir / "checkpoints" / "last.ckpt"), weights_only=False)
     faults = next(m for m in monitors if isinstance(m, FaultMonitor))
     skipped = _gather_skipped(trainer, faults.skipped_cuts)
     if trainer.global_rank == 0:

@@ -95,3 +95,9 @@ def test_checkpoint_is_self_contained_and_safe(trained, tmp_path):
     proc = cli("eval", "--ckpt", str(evil), "--cuts", str(root / "dev/cuts.jsonl.gz"))
     assert proc.returncode == 2 and "refused" in proc.stderr
     assert not marker.exists()
+
+
+def test_last_checkpoint_holds_the_final_step(trained):
+    root, _ = trained
+    ckpt = torch.load(root / "exp/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 6  # max_steps of the fixture's config
