@@ -36,8 +36,8 @@ def read_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"checkpoint '{path}' was refused: it holds objects that could run code when loaded "
-            f"({first})"
+            f"checkpoint '{path}' was refused: weights-only loading failed, so it is either not "
+            f"a checkpoint or holds objects that could run code when loaded ({first})"
         ) from None
     except Exception as e:  # torch.load raises many types on garbage (IndexError, KeyError, ...)
         raise UserError(

@@ -95,7 +95,13 @@ class Tokenizer:
                 max_sentence_length=1 << 16,
             )
         except RuntimeError as e:
-            raise UserError(f"sentencepiece training failed: {e}") from None
+            detail = str(e).splitlines()[0]
+            if "vocab_size" in detail or "Vocabulary size" in detail:
+                raise UserError(
+                    f"vocab_size {vocab_size} does not fit these transcripts (too small for their "
+                    f"characters + special tokens, or more pieces than the text has): {detail}"
+                ) from None
+            raise UserError(f"sentencepiece training failed: {detail}") from None
         finally:
             Path(corpus).unlink(missing_ok=True)
         meta = {"languages": list(languages), "model_type": model_type, "vocab_size": vocab_size}
