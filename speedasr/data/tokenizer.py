@@ -11,6 +11,7 @@ and settings).
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Iterable
@@ -160,12 +161,18 @@ class Tokenizer:
     def sot_id(self) -> int:
         return self.id(SOT)
 
-    def special_ids(self) -> set[int]:
-        return {
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        # decode() runs once per hypothesis: scan the vocabulary once, not on every call.
+        return frozenset(
             i
             for i in range(self.vocab_size)
             if self.sp.is_control(i) or self.sp.id_to_piece(i).startswith("<|") or i == self.pad_id
-        }
+        )
+
+    def special_ids(self) -> set[int]:
+        """Ids of pad, control and ``<|...|>`` tokens (never part of a transcript)."""
+        return set(self._special_ids)
 
     # --- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -174,7 +181,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, skipping special tokens and stopping at ``<|endoftext|>``."""
-        eot, specials, out = self.eot_id, self.special_ids(), []
+        eot, specials, out = self.eot_id, self._special_ids, []
         for i in ids:
             i = int(i)
             if i == eot:

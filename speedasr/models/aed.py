@@ -170,18 +170,14 @@ class AEDModel(nn.Module):
         enc: torch.Tensor,
         enc_segments: Segments,
     ) -> torch.Tensor:
-        """Packed: ``tokens (ΣL,)`` attending to ``enc (ΣT', D)`` -> logits ``(ΣL, V)``."""
+        """Logits of the decoder over ``enc``, in the layout of ``tokens``.
+
+        Packed: ``tokens (ΣL,)``, ``enc (ΣT', D)`` -> ``(ΣL, V)``.
+        Padded: ``tokens (B, L)``, ``enc (B, T', D)`` -> ``(B, L, V)``.
+        """
         return self.decoder.logits(self._decoder_hidden(tokens, token_segments, enc, enc_segments))
 
-    def decode_logits_padded(
-        self,
-        tokens: torch.Tensor,
-        token_segments: Segments,
-        enc: torch.Tensor,
-        enc_segments: Segments,
-    ) -> torch.Tensor:
-        """Padded: ``tokens (B, L)`` attending to ``enc (B, T', D)`` -> logits ``(B, L, V)``."""
-        return self.decoder.logits(self._decoder_hidden(tokens, token_segments, enc, enc_segments))
+    decode_logits_padded = decode_logits  # the layout follows ``tokens.ndim``; kept for callers
 
     def _layouts(
         self,
