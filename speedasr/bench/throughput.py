@@ -114,7 +114,7 @@ def run_benchmark(
     cuts, tokenizer, model_cfg, budget: float, steps: int, repeats: int, seed: int = 0,
     device: str = "cpu", strategies=STRATEGIES, progress=print,
 ) -> dict[str, StrategyResult]:  # fmt: skip
-    from speedasr.data.padding import batch_padding
+    from speedasr.data.padding import PaddingStats, batch_padding
     from speedasr.models.aed import AEDModel
 
     dev = torch.device(device)
@@ -138,7 +138,7 @@ def run_benchmark(
                 )
                 for b in batches
             ),
-            start=batch_padding([], [], packed=True),
+            start=PaddingStats(),
         )
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
