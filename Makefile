@@ -30,4 +30,4 @@ bench: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash recipes/tiny/bench.sh
 
 clean:
-	rm -rf $(VENV) exp data/tiny
+	rm -rf $(VENV) exp data/tiny data/tiny-5h

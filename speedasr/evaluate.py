@@ -72,12 +72,13 @@ def run(args: argparse.Namespace) -> int:
     from speedasr.checkpoint import load_model
     from speedasr.data.manifests import load_cuts, validate_cuts
     from speedasr.errors import UserError
-    from speedasr.inference import decoding_options
+    from speedasr.inference import check_decoder, decoding_options
 
     options = decoding_options(args)
     if args.max_utterances is not None and args.max_utterances < 1:
         raise UserError(f"--max-utterances must be >= 1, got {args.max_utterances}")
     loaded = load_model(args.ckpt, args.device)
+    check_decoder(loaded.model, options, args.ckpt)
     cuts = load_cuts(args.cuts)
     if args.max_utterances:
         cuts = cuts.subset(first=min(args.max_utterances, len(cuts)))
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     rtfx = result.audio_seconds / max(result.wall_seconds, 1e-9)
     model_rtfx = result.audio_seconds / max(result.model_seconds, 1e-9)
     search = f"beam {options.beam_size}" if options.beam_size > 1 else "greedy"
+    search = "CTC greedy" if options.method == "ctc" else search
     print(
         f"WER {100 * wer:.2f}% on {len(result.refs)} utterances "
         f"({result.audio_seconds / 60:.1f} min of audio); RTFx {rtfx:.1f} end to end "
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "wer": wer, "utterances": len(result.refs), "audio_seconds": result.audio_seconds,
             "wall_seconds": result.wall_seconds, "model_seconds": result.model_seconds,
             "rtfx": rtfx, "model_rtfx": model_rtfx, "beam_size": options.beam_size,
-            "step": loaded.step,
+            "decoder": options.method, "step": loaded.step,
         }  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -84,6 +84,12 @@ def cuts_from_audio(paths: Iterable[str], language: str = "en") -> CutSet:
 # --- command-line pieces shared with `speedasr eval` ----------------------------------------------
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
+    group.add_argument(
+        "--decoder",
+        choices=("attention", "ctc"),
+        default="attention",
+        help="attention: the AED decoder (default); ctc: greedy CTC head of a hybrid model",
+    )
     group.add_argument("--beam-size", type=int, default=1, help="1 = greedy search (default)")
     group.add_argument(
         "--length-penalty",
@@ -117,11 +123,17 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         return DecodingOptions(
-            beam_size=args.beam_size, length_penalty=args.length_penalty, max_len=args.max_len,
-            use_cache=not args.no_cache,
+            method=args.decoder, beam_size=args.beam_size, length_penalty=args.length_penalty,
+            max_len=args.max_len, use_cache=not args.no_cache,
         )  # fmt: skip
     except ValueError as e:
         raise UserError(f"decoding options: {e}") from None
+
+
+def check_decoder(model, options: DecodingOptions, ckpt: str) -> None:
+    """``UserError`` if ``options`` ask for a part ``model`` lacks (CTC head)."""
+    if options.method == "ctc" and model.ctc_head is None:
+        raise UserError(f"{ckpt}: --decoder ctc needs a CTC head; this model has none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either audio files or --cuts (not both, not neither)")
     options = decoding_options(args)
     loaded = load_model(args.ckpt, args.device)
+    check_decoder(loaded.model, options, args.ckpt)
     if args.cuts:
         from speedasr.data.manifests import load_cuts
 

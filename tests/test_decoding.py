@@ -252,3 +252,71 @@ def test_option_conflicts_are_named():
     m = model()
     with pytest.raises(ValueError, match="length limits"):
         decode(m, features(), Segments.from_lengths(FRAMES), PROMPTS, EOT, max_new_tokens=[1])
+
+
+# --- CTC greedy decoding ------------------------------------------------------------------------
+def ctc_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, n_mels=MELS, subsampling_channels=4, d_model=16, encoder_layers=1,
+        encoder_heads=2, decoder_layers=1, dropout=0.0, attention_backend="torch", ctc_weight=0.5,
+    )  # fmt: skip
+    return AEDModel(cfg).eval()
+
+
+def collapse(labels: list[int], blank: int) -> list[int]:
+    """The CTC best-path rule, written plainly: merge runs, then drop blanks."""
+    out, prev = [], None
+    for label in labels:
+        if label != prev and label != blank:
+            out.append(label)
+        prev = label
+    return out
+
+
+class FixedCtc:
+    """A stand-in model whose CTC head returns the given per-frame labels as one-hot scores."""
+
+    def __init__(self, labels: list[int]) -> None:
+        self.labels = torch.tensor(labels)
+        self.cfg = ModelConfig(vocab_size=VOCAB, pad_id=0)
+
+    def ctc_log_probs(self, enc):
+        return torch.nn.functional.one_hot(self.labels, VOCAB).float().log()
+
+
+def test_ctc_collapse_by_hand():
+    from speedasr.decoding import CtcGreedySearch
+
+    # utterance 0: 5 5 _ 5 7 7 -> 5 5 7; utterance 1 starts with 7 right after utterance 0's 7:
+    # it is a new utterance, so its 7 is emitted; utterance 2 is all blank; utterance 3 is empty.
+    labels = [5, 5, 0, 5, 7, 7, 7, 0, 9, 0, 0]
+    seg = Segments.from_lengths([6, 3, 2, 0])
+    search = CtcGreedySearch(DecodingOptions(method="ctc"))
+    limits = torch.tensor([10, 10, 10, 10])
+    got = search.search(FixedCtc(labels), torch.zeros(11, 1), seg, [[2]] * 4, EOT, limits)
+    assert got == [[5, 5, 7], [7, 9], [], []]
+    short = search.search(FixedCtc(labels), torch.zeros(11, 1), seg, [[2]] * 4, EOT, limits - 8)
+    assert short == [[5, 5], [7, 9], [], []]
+
+
+def test_ctc_greedy_batch_equals_each_utterance_alone_and_the_plain_rule():
+    m = ctc_model()
+    x = features(3)
+    seg = Segments.from_lengths(FRAMES)
+    got = decode(m, x, seg, PROMPTS, EOT, DecodingOptions(method="ctc"))
+    assert any(got)  # untrained, but not all blank: the comparison below is not vacuous
+    for xi, ids in zip(seg.split(x), got, strict=True):
+        enc, _ = m.encode(xi, Segments.from_lengths([xi.shape[0]]))  # this utterance alone
+        best = m.ctc_log_probs(enc).argmax(-1).tolist()
+        assert ids == collapse(best, blank=m.cfg.pad_id)
+
+
+def test_ctc_options_and_missing_head():
+    with pytest.raises(ValueError, match="greedy"):
+        DecodingOptions(method="ctc", beam_size=4)
+    with pytest.raises(ValueError, match="method"):
+        DecodingOptions(method="rnnt")
+    seg = Segments.from_lengths(FRAMES)
+    with pytest.raises(ValueError, match="no CTC head"):
+        decode(model(), features(), seg, PROMPTS, EOT, DecodingOptions(method="ctc"))

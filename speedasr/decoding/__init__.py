@@ -3,8 +3,9 @@
 ``decode(model, features, feature_segments, prompts, eot_id, options)`` runs the encoder once on the
 packed batch, then a strategy: ``GreedySearch`` or ``BeamSearch`` (both over an explicit
 ``KVCache``: self-attention keys/values grow by one slot per step, cross-attention keys/values are
-computed once from the packed encoder output), or ``UncachedGreedySearch`` (the reference). Every
-utterance stops at its own end-of-text or length limit. ``greedy_decode`` is the short form used by
+computed once from the packed encoder output), ``UncachedGreedySearch`` (the reference), or
+``CtcGreedySearch`` (the encoder's CTC head, no decoder). Every utterance stops at its own
+end-of-text or length limit. ``greedy_decode`` is the short form used by
 training-time validation.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from speedasr.decoding.beam import BeamSearch
 from speedasr.decoding.cache import KVCache
+from speedasr.decoding.ctc import CtcGreedySearch
 from speedasr.decoding.greedy import GreedySearch, UncachedGreedySearch
 from speedasr.decoding.options import (
     ENCODER_FRAME_SECONDS,
@@ -26,15 +28,18 @@ from speedasr.decoding.options import (
 from speedasr.nn.segments import Segments
 
 __all__ = [
-    "BeamSearch", "DecodingOptions", "GreedySearch", "KVCache", "UncachedGreedySearch", "decode",
-    "decode_encoded", "greedy_decode", "length_limits", "strategy_for",
+    "BeamSearch", "CtcGreedySearch", "DecodingOptions", "GreedySearch", "KVCache",
+    "UncachedGreedySearch", "decode", "decode_encoded", "greedy_decode", "length_limits",
+    "strategy_for",
 ]  # fmt: skip
 
-Strategy = GreedySearch | BeamSearch | UncachedGreedySearch
+Strategy = GreedySearch | BeamSearch | UncachedGreedySearch | CtcGreedySearch
 
 
 def strategy_for(options: DecodingOptions) -> Strategy:
     """The search ``options`` ask for."""
+    if options.method == "ctc":
+        return CtcGreedySearch(options)
     if options.beam_size > 1:
         return BeamSearch(options)
     return GreedySearch(options) if options.use_cache else UncachedGreedySearch(options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 TOKENS_PER_SECOND_GUARD = 10.0
 """Default length guard: at most 10 tokens per second of audio (+ ``GUARD_SLACK``); BPE speech
@@ -17,6 +18,9 @@ seconds for the length guard without needing the durations."""
 class DecodingOptions:
     """How ``speedasr.decoding.decode`` searches. Invalid combinations raise ``ValueError``."""
 
+    method: Literal["attention", "ctc"] = "attention"
+    """``attention``: the decoder (greedy or beam search); ``ctc``: greedy best path of the
+    encoder's CTC head (models trained with ``ctc_weight > 0``; no decoder, no beam)."""
     beam_size: int = 1
     """Hypotheses kept per utterance; 1 is greedy search (and beam search of size 1 equals it)."""
     length_penalty: float = 1.0
@@ -34,6 +38,10 @@ class DecodingOptions:
     force the reference length this way, so every architecture emits the same number of tokens)."""
 
     def __post_init__(self) -> None:
+        if self.method not in ("attention", "ctc"):
+            raise ValueError(f"method must be 'attention' or 'ctc', got {self.method!r}")
+        if self.method == "ctc" and self.beam_size > 1:
+            raise ValueError("beam_size > 1 is for method='attention'; CTC decoding is greedy")
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         if self.max_len is not None and self.max_len < 0:

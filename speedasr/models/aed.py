@@ -49,6 +49,10 @@ class ModelConfig:
     """Encoder attention heads (``d_model / encoder_heads`` must be even: rotary)."""
     conv_kernel: int = 9
     """Depthwise convolution kernel of the conformer conv module (odd)."""
+    block_out_norm: bool = False
+    """A LayerNorm at the end of every conformer block, as in the Conformer paper and NeMo (the
+    Canary presets); False: a single LayerNorm after the last block, which trains from scratch
+    much faster on small data (docs/training.md)."""
     decoder_layers: int = 2
     """Transformer decoder blocks."""
     decoder_d_model: int | None = None
@@ -138,7 +142,7 @@ class AEDModel(nn.Module):
             n_mels=cfg.n_mels, subsampling_channels=cfg.subsampling_channels, d_model=cfg.d_model,
             layers=cfg.encoder_layers, heads=cfg.encoder_heads, d_ff=cfg.ff_mult * cfg.d_model,
             kernel_size=cfg.conv_kernel, dropout=cfg.dropout, rope_base=cfg.rope_base,
-            attention_backend=cfg.attention_backend,
+            attention_backend=cfg.attention_backend, block_out_norm=cfg.block_out_norm,
         )  # fmt: skip
         self.decoder = TransformerDecoder(
             vocab_size=cfg.vocab_size, d_model=cfg.dec_d_model, layers=cfg.decoder_layers,
@@ -208,14 +212,14 @@ class AEDModel(nn.Module):
             # Only target positions are projected to the vocabulary (prompt rows carry no loss).
             keep = batch.targets != IGNORE_INDEX
             logits, targets = self.decoder.logits(hidden[keep]), batch.targets[keep]
-            ctc_log_probs = enc_segments.pad(self._ctc_log_probs(enc)) if has_ctc else None
+            ctc_log_probs = enc_segments.pad(self.ctc_log_probs(enc)) if has_ctc else None
             tokens = batch.tokens
         elif isinstance(batch, PaddedBatch):
             enc, enc_segments = self.encode_padded(batch.features, batch.feature_segments)
             hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments)
             logits = self.decoder.logits(hidden).flatten(0, 1)  # padding included: the padded cost
             targets = batch.targets.flatten()
-            ctc_log_probs = self._ctc_log_probs(enc) if has_ctc else None
+            ctc_log_probs = self.ctc_log_probs(enc) if has_ctc else None
             tokens = ts.unpad(batch.tokens)
         else:
             raise TypeError(f"expected PackedBatch or PaddedBatch, got {type(batch).__name__}")
@@ -249,11 +253,13 @@ class AEDModel(nn.Module):
             num_encoder_frames=enc_segments.total,
         )  # fmt: skip
 
-    def _ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
-        """``(..., D)`` -> ``(..., V)`` float32 log-probabilities.
+    def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` -> ``(..., V)`` float32 log-probabilities of the CTC head.
 
         torch's CTC loss wants them padded ``(T', B, V)``: the packed path pads these (and only
         these) after the projection."""
+        if self.ctc_head is None:
+            raise ValueError("this model has no CTC head (it was trained with ctc_weight 0)")
         return F.log_softmax(_at_least_fp32(self.ctc_head(enc)), dim=-1)
 
 

@@ -26,7 +26,7 @@ PROMPT_TOKENS = 4
 
 _CANARY = dict(
     n_mels=128, subsampling_channels=256, conv_kernel=9, ff_mult=4, tie_embeddings=False,
-    ctc_weight=0.0, dropout=0.1,
+    ctc_weight=0.0, dropout=0.1, block_out_norm=True,
 )  # fmt: skip
 PRESETS: dict[str, ModelConfig] = {
     # CPU presets (256-token vocabulary of the embedded tiny recipe).
@@ -109,7 +109,7 @@ def encoder_layer_params(cfg: ModelConfig) -> int:
     feed_forward = 2 * d + _linear(d, ff) + _linear(ff, d)
     attention = 2 * d + _linear(d, 3 * d) + _linear(d, d)
     conv = 2 * d + _linear(d, 2 * d) + (k * d + d) + 2 * d + _linear(d, d)
-    return 2 * feed_forward + attention + conv + 2 * d
+    return 2 * feed_forward + attention + conv + (2 * d if cfg.block_out_norm else 0)
 
 
 def decoder_layer_params(cfg: ModelConfig) -> int:
@@ -129,7 +129,9 @@ def decoder_fixed_params(cfg: ModelConfig) -> int:
 
 def count_parameters(cfg: ModelConfig) -> ParamCount:
     return ParamCount(
-        encoder=subsampling_params(cfg) + cfg.encoder_layers * encoder_layer_params(cfg),
+        encoder=subsampling_params(cfg)
+        + cfg.encoder_layers * encoder_layer_params(cfg)
+        + (0 if cfg.block_out_norm else 2 * cfg.d_model),  # the final norm
         decoder=decoder_fixed_params(cfg) + cfg.decoder_layers * decoder_layer_params(cfg),
         ctc_head=_linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else 0,
     )

@@ -60,6 +60,15 @@ class ConvSubsampling(nn.Module):
         for _ in range(SUBSAMPLING_STAGES):
             freq = (freq + 1) // 2
         self.out = nn.Linear(channels * freq, d_model)
+        # He init for the ReLU convolutions, zero biases. torch's default (fan-in uniform, gain
+        # 1/sqrt(3)) shrinks the signal ~3x per convolution, so that after five of them the part
+        # of the output that varies over time is only 12-19% of its RMS (the rest is bias): the
+        # encoder starts from a near-constant input and CTC sits on its all-blank plateau for
+        # hundreds of steps (docs/training.md). He init: 59-75%.
+        for module in self.convs.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward_packed(self, x: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, Segments]:
         """``x: (ΣT, n_mels)`` -> ``(ΣT', d_model)`` and the descriptor of the T' frames.
@@ -189,11 +198,12 @@ class ConvModule(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    """Macaron block: x + ½FFN, + MHSA, + conv, + ½FFN, then LayerNorm (all pre-norm)."""
+    """Macaron block: x + ½FFN, + MHSA, + conv, + ½FFN (all pre-norm), then, with ``out_norm``,
+    a LayerNorm of the block output (the Conformer paper and NeMo)."""
 
     def __init__(
         self, d_model: int, heads: int, d_ff: int, kernel_size: int, dropout: float,
-        rope_base: float = 10000.0,
+        rope_base: float = 10000.0, out_norm: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.ff1_norm, self.ff1 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
@@ -203,7 +213,7 @@ class ConformerBlock(nn.Module):
         )
         self.conv_norm, self.conv = nn.LayerNorm(d_model), ConvModule(d_model, kernel_size)
         self.ff2_norm, self.ff2 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
-        self.out_norm = nn.LayerNorm(d_model)
+        self.out_norm = nn.LayerNorm(d_model) if out_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -215,20 +225,27 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerEncoder(nn.Module):
-    """Subsampling + ``layers`` conformer blocks. See ``forward_packed`` / ``forward_padded``."""
+    """Subsampling + ``layers`` conformer blocks. See ``forward_packed`` / ``forward_padded``.
+
+    block_out_norm: a LayerNorm at the end of every block (Conformer paper, NeMo); False: one
+    LayerNorm after the last block (the pre-LN Transformer arrangement), whose residual stream
+    is never renormalized and which leaves its all-blank CTC plateau much sooner when trained
+    from scratch on little data (docs/training.md).
+    """
 
     def __init__(
         self, n_mels: int, subsampling_channels: int, d_model: int, layers: int, heads: int,
         d_ff: int, kernel_size: int, dropout: float, rope_base: float = 10000.0,
-        attention_backend: str = "auto",
+        attention_backend: str = "auto", block_out_norm: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.subsampling = ConvSubsampling(n_mels, subsampling_channels, d_model)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            ConformerBlock(d_model, heads, d_ff, kernel_size, dropout, rope_base)
+            ConformerBlock(d_model, heads, d_ff, kernel_size, dropout, rope_base, block_out_norm)
             for _ in range(layers)
         )
+        self.norm = nn.Identity() if block_out_norm else nn.LayerNorm(d_model)
         self.attention_backend = attention_backend
 
     def forward_packed(
@@ -240,7 +257,7 @@ class ConformerEncoder(nn.Module):
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, layout)
-        return x, layout
+        return self.norm(x), layout
 
     def forward_padded(
         self, features: torch.Tensor, segments: Segments
@@ -251,4 +268,4 @@ class ConformerEncoder(nn.Module):
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, layout)
-        return x, layout
+        return self.norm(x), layout

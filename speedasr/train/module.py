@@ -11,6 +11,7 @@ import torch
 
 from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.tokenizer import Tokenizer
+from speedasr.decoding import DecodingOptions
 from speedasr.inference import transcribe_batch
 from speedasr.metrics import word_error_rate
 from speedasr.models.aed import AEDModel, ModelConfig
@@ -36,7 +37,8 @@ class OptimConfig:
 
 
 class AsrModule(pl.LightningModule):
-    """Trains an ``AEDModel``; logs ``train/loss``, ``val/loss`` and ``val/wer``.
+    """Trains an ``AEDModel``; logs ``train/loss``, ``val/loss`` and ``val/wer`` (attention decoder,
+    greedy), plus ``val/ctc_wer`` (greedy CTC head) when the model has a CTC head.
 
     Hyperparameters are saved as plain dicts and the tokenizer as bytes, so a checkpoint is
     self-contained and loads with ``torch.load(weights_only=True)``.
@@ -53,6 +55,7 @@ class AsrModule(pl.LightningModule):
         self.model = AEDModel(self.model_cfg)
         self._no_decay = {n for n, p in self.model.named_parameters() if p.ndim < 2}
         self._val_hyps: list[str] = []
+        self._val_ctc_hyps: list[str] = []
         self._val_refs: list[str] = []
 
     @classmethod
@@ -93,13 +96,19 @@ class AsrModule(pl.LightningModule):
         out = self.model(batch)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
         self._val_hyps += transcribe_batch(self.model, self.tokenizer, batch)
+        if self.model.ctc_head is not None:  # what the encoder alone has learned
+            ctc = DecodingOptions(method="ctc")
+            self._val_ctc_hyps += transcribe_batch(self.model, self.tokenizer, batch, ctc)
         self._val_refs += batch.texts
 
     def on_validation_epoch_end(self) -> None:
         if self._val_refs:
             wer = word_error_rate(self._val_refs, self._val_hyps)
             self.log("val/wer", wer, prog_bar=True, sync_dist=True)
-        self._val_hyps, self._val_refs = [], []
+            if self._val_ctc_hyps:
+                ctc_wer = word_error_rate(self._val_refs, self._val_ctc_hyps)
+                self.log("val/ctc_wer", ctc_wer, prog_bar=True, sync_dist=True)
+        self._val_hyps, self._val_ctc_hyps, self._val_refs = [], [], []
 
     # --- optimization -----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -57,6 +57,7 @@ def test_training_writes_checkpoint_logs_and_summary(trained):
     metrics = next((root / "exp/logs").glob("version_*/metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
     assert any(r.get("val/wer") for r in rows)
+    assert any(r.get("val/ctc_wer") for r in rows)  # the model has a CTC head (ctc_weight 0.3)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) >= 5
     assert (root / "exp/rejects_train.jsonl").exists()
@@ -70,6 +71,10 @@ def test_eval_and_transcribe(trained):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "WER" in proc.stdout and "RTFx" in proc.stdout
     assert len((root / "res.jsonl").read_text().splitlines()) == 4
+    proc = cli("eval", "--ckpt", ckpt, "--cuts", str(root / "dev/cuts.jsonl.gz"),
+               "--decoder", "ctc")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CTC greedy" in proc.stdout
     audio = sorted((root / "dev/audio").iterdir())[:2]
     proc = cli("transcribe", "--ckpt", ckpt, *map(str, audio))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,11 +15,11 @@ from speedasr.nn.segments import Segments
 N_MELS = 20
 
 
-def encoder(layers=2):
+def encoder(layers=2, block_out_norm=False):
     torch.manual_seed(0)
     return ConformerEncoder(
         n_mels=N_MELS, subsampling_channels=4, d_model=16, layers=layers, heads=2, d_ff=32,
-        kernel_size=5, dropout=0.0, attention_backend="torch",
+        kernel_size=5, dropout=0.0, attention_backend="torch", block_out_norm=block_out_norm,
     ).eval()  # fmt: skip
 
 
@@ -99,12 +99,26 @@ def test_conv_module_is_zero_safe_after_glu_and_bias():
     close(seg.unpad(padded), packed)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_subsampling_output_varies_over_time_at_init(seed):
+    # The encoder must start from an input that differs from frame to frame. With torch's default
+    # conv init the time-varying part of the output is ~12-19% of its RMS (the rest is a constant
+    # from the biases) and CTC training stalls on its all-blank plateau; He init gives 59-75%.
+    torch.manual_seed(seed)
+    sub = ConvSubsampling(80, 32, 144)
+    x = torch.randn(800, 80)
+    y, _ = sub.forward_packed(x, Segments.from_lengths([800]))
+    varying = y.std(0).pow(2).mean().sqrt()
+    assert varying / y.pow(2).mean().sqrt() > 0.4
+
+
 def test_encoder_uses_no_batch_statistics():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder().modules())
 
 
-def test_encoder_packed_equals_padded_and_alone_with_gradients():
-    enc = encoder()
+@pytest.mark.parametrize("block_out_norm", [False, True])
+def test_encoder_packed_equals_padded_and_alone_with_gradients(block_out_norm):
+    enc = encoder(block_out_norm=block_out_norm)
     seg = Segments.from_lengths(LENGTHS)
     x = features(LENGTHS).requires_grad_()
     y, layout = enc.forward_packed(x, seg)
