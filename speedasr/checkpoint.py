@@ -49,7 +49,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     ckpt = read_checkpoint(path)
     try:
         hparams = ckpt["hyper_parameters"]
-        config = ModelConfig(**hparams["model"])
+        model_hparams = dict(hparams["model"])
+        # Saved before `block_out_norm` existed: those encoders end every block with a LayerNorm.
+        model_hparams.setdefault("block_out_norm", True)
+        config = ModelConfig(**model_hparams)
         tokenizer = Tokenizer.from_state(ckpt["tokenizer"])
         state = {
             k.removeprefix("model."): v

@@ -102,6 +102,30 @@ def test_checkpoint_is_self_contained_and_safe(trained, tmp_path):
     assert not marker.exists()
 
 
+def test_checkpoint_from_before_block_out_norm_loads(trained, tmp_path):
+    # Older checkpoints have no `block_out_norm` key and a LayerNorm at the end of every block.
+    from dataclasses import asdict, replace
+
+    from speedasr.models.aed import AEDModel
+    from speedasr.nn.segments import Segments
+
+    root, _ = trained
+    ckpt = torch.load(root / "exp/checkpoints/last.ckpt", weights_only=True)
+    config = replace(load_model(root / "exp/checkpoints/last.ckpt").config, block_out_norm=True)
+    torch.manual_seed(0)
+    old = AEDModel(config).eval()
+    ckpt["state_dict"] = {f"model.{k}": v for k, v in old.state_dict().items()}
+    ckpt["hyper_parameters"]["model"] = {
+        k: v for k, v in asdict(config).items() if k != "block_out_norm"
+    }
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    loaded = load_model(tmp_path / "old.ckpt")
+    assert loaded.config.block_out_norm
+    x, seg = torch.randn(50, config.n_mels), Segments.from_lengths([50])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode(x, seg)[0], old.encode(x, seg)[0])
+
+
 def test_last_checkpoint_holds_the_final_step(trained):
     root, _ = trained
     ckpt = torch.load(root / "exp/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
