@@ -20,8 +20,9 @@ from lhotse.dataset import DynamicCutSampler
 from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import SAMPLE_RATE, AsrDataset
 from speedasr.data.tokenizer import Tokenizer
-from speedasr.decoding import DecodingOptions, decode
+from speedasr.decoding import DecodingOptions, decode_encoded
 from speedasr.errors import UserError
+from speedasr.nn.segments import Segments
 
 
 def batch_prompts(batch: PackedBatch) -> list[list[int]]:
@@ -34,14 +35,20 @@ def batch_prompts(batch: PackedBatch) -> list[list[int]]:
 def transcribe_batch(
     model, tokenizer: Tokenizer, batch: PackedBatch | PaddedBatch,
     options: DecodingOptions | None = None,
+    encoded: tuple[torch.Tensor, Segments] | None = None,
 ) -> list[str]:  # fmt: skip
     """Transcripts of one batch, in batch order (default options: greedy, KV cache, length guard
-    from each utterance's own duration, so a transcript never depends on its batch)."""
+    from each utterance's own duration, so a transcript never depends on its batch).
+
+    encoded: ``model.encode`` of this batch's packed features, to decode one batch several ways
+    with one encoder pass (computed here when not given).
+    """
     if isinstance(batch, PaddedBatch):
         batch = batch.to_packed()
-    ids = decode(
-        model, batch.features, batch.feature_segments, batch_prompts(batch),
-        eot_id=tokenizer.eot_id, options=options or DecodingOptions(),
+    enc, enc_segments = encoded or model.encode(batch.features, batch.feature_segments)
+    ids = decode_encoded(
+        model, enc, enc_segments, batch_prompts(batch), eot_id=tokenizer.eot_id,
+        options=options or DecodingOptions(),
     )  # fmt: skip
     return [tokenizer.decode(seq) for seq in ids]
 

@@ -9,15 +9,6 @@ from speedasr.nn.segments import Segments
 EOT, VOCAB, MELS = 1, 24, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only add contention on shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(

@@ -95,10 +95,14 @@ class AsrModule(pl.LightningModule):
     def validation_step(self, batch: PackedBatch | PaddedBatch, batch_idx: int) -> None:
         out = self.model(batch)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
-        self._val_hyps += transcribe_batch(self.model, self.tokenizer, batch)
+        packed = batch.to_packed() if isinstance(batch, PaddedBatch) else batch
+        encoded = self.model.encode(packed.features, packed.feature_segments)
+        self._val_hyps += transcribe_batch(self.model, self.tokenizer, packed, encoded=encoded)
         if self.model.ctc_head is not None:  # what the encoder alone has learned
             ctc = DecodingOptions(method="ctc")
-            self._val_ctc_hyps += transcribe_batch(self.model, self.tokenizer, batch, ctc)
+            self._val_ctc_hyps += transcribe_batch(
+                self.model, self.tokenizer, packed, ctc, encoded=encoded
+            )
         self._val_refs += batch.texts
 
     def on_validation_epoch_end(self) -> None:

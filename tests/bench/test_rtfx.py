@@ -7,14 +7,6 @@ from speedasr.bench.rtfx import Split, Utterances, benchmark, parse_splits, rend
 from speedasr.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def utterances():
     g = torch.Generator().manual_seed(0)
     frames = [120, 64, 200]
