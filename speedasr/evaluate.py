@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,11 @@ def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
              batch_size: int | None = None, device: str = "cpu",
              progress: bool = False) -> EvalResult:  # fmt: skip
     """Transcribe ``cuts`` (with reference texts) in order; the numbers ``speedasr eval`` prints."""
-    from tqdm import tqdm
-
+    from speedasr.console import progress_bar
     from speedasr.inference import iterate_batches, transcribe_batch
 
     result = EvalResult([], [], [], 0.0, 0.0, 0.0)
-    bar = tqdm(total=len(cuts), desc="eval", unit="utt", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(cuts), desc="eval", unit="utt", disable=not progress)
     start = time.perf_counter()
     for batch in iterate_batches(cuts, tokenizer, batch_duration, device, batch_size):
         t0 = time.perf_counter()
@@ -104,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     model_rtfx = result.audio_seconds / max(result.model_seconds, 1e-9)
     search = f"beam {options.beam_size}" if options.beam_size > 1 else "greedy"
     search = "CTC greedy" if options.method == "ctc" else search
+    if options.ctc_weight > 0:
+        search += f" joint with CTC (weight {options.ctc_weight:g})"
     print(
         f"WER {100 * wer:.2f}% on {len(result.refs)} utterances "
         f"({result.audio_seconds / 60:.1f} min of audio); RTFx {rtfx:.1f} end to end "
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "wer": wer, "utterances": len(result.refs), "audio_seconds": result.audio_seconds,
             "wall_seconds": result.wall_seconds, "model_seconds": result.model_seconds,
             "rtfx": rtfx, "model_rtfx": model_rtfx, "beam_size": options.beam_size,
-            "decoder": options.method, "step": loaded.step,
+            "decoder": options.method, "ctc_weight": options.ctc_weight, "step": loaded.step,
         }  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -99,6 +99,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--beam-size", type=int, default=1, help="1 = greedy search (default)")
     group.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=0.0,
+        help="joint CTC/attention decoding: weight of the CTC head's prefix score, in [0, 1] "
+        "(hybrid models; 0 = decoder only, the default)",
+    )
+    group.add_argument(
         "--length-penalty",
         type=float,
         default=1.0,
@@ -131,7 +138,7 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     try:
         return DecodingOptions(
             method=args.decoder, beam_size=args.beam_size, length_penalty=args.length_penalty,
-            max_len=args.max_len, use_cache=not args.no_cache,
+            max_len=args.max_len, use_cache=not args.no_cache, ctc_weight=args.ctc_weight,
         )  # fmt: skip
     except ValueError as e:
         raise UserError(f"decoding options: {e}") from None
@@ -141,6 +148,8 @@ def check_decoder(model, options: DecodingOptions, ckpt: str) -> None:
     """``UserError`` if ``options`` ask for a part ``model`` lacks (CTC head)."""
     if options.method == "ctc" and model.ctc_head is None:
         raise UserError(f"{ckpt}: --decoder ctc needs a CTC head; this model has none")
+    if options.ctc_weight > 0 and model.ctc_head is None:
+        raise UserError(f"{ckpt}: --ctc-weight needs a CTC head; this model has none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,9 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from speedasr.checkpoint import load_model
+    from speedasr.console import progress_bar
 
     if bool(args.audio) == bool(args.cuts):
         raise UserError("give either audio files or --cuts (not both, not neither)")
@@ -171,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         loaded.tokenizer.prompt(args.language)  # validates the language before any work
         cuts = cuts_from_audio(args.audio, args.language)
     out = open(args.out, "w") if args.out else None
-    bar = tqdm(total=len(cuts), desc="transcribe", unit="utt", disable=args.quiet, file=sys.stderr)
+    bar = progress_bar(total=len(cuts), desc="transcribe", unit="utt", disable=args.quiet)
     try:
         batches = iterate_batches(
             cuts, loaded.tokenizer, args.batch_duration, args.device, args.batch_size

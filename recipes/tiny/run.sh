@@ -38,11 +38,13 @@ speedasr train --config "$CONFIG" --out_dir "$EXP" \
   --data.train_cuts "$DATA/train_cuts.jsonl.gz" --data.dev_cuts "$DATA/dev_cuts.jsonl.gz" \
   --data.tokenizer "$TOKENIZER" "$@"
 
-step "4/4 eval: test set WER, attention decoder, then the encoder's CTC head alone"
+step "4/4 eval: test set WER: attention decoder; CTC head alone; both jointly (CTC weight 0.3)"
 speedasr eval --ckpt "$EXP/checkpoints/last.ckpt" --cuts "$DATA/test_cuts.jsonl.gz" \
   --out "$EXP/test_results.jsonl" --json "$EXP/test_wer.json"
 speedasr eval --ckpt "$EXP/checkpoints/last.ckpt" --cuts "$DATA/test_cuts.jsonl.gz" \
   --decoder ctc --out "$EXP/test_results_ctc.jsonl" --json "$EXP/test_wer_ctc.json"
+speedasr eval --ckpt "$EXP/checkpoints/last.ckpt" --cuts "$DATA/test_cuts.jsonl.gz" \
+  --ctc-weight 0.3 --out "$EXP/test_results_joint.jsonl" --json "$EXP/test_wer_joint.json"
 
 echo
 echo "demo done in $(( $(date +%s) - start )) s. Padding/throughput report: speedasr profile --log-dir $EXP"

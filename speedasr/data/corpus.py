@@ -288,7 +288,8 @@ def synthesize_corpus(
     ``if __name__ == "__main__":`` guard.
     """
     from lhotse import CutSet
-    from tqdm import tqdm
+
+    from speedasr.console import progress_bar
 
     if not (isinstance(hours, (int, float)) and math.isfinite(hours) and hours > 0):
         raise UserError(f"--hours must be a positive number of hours, got {hours!r}")
@@ -320,7 +321,7 @@ def synthesize_corpus(
     start = time.perf_counter()
     plans = plan_corpus(hours, seed, min_eval_utterances)
     jobs = [(p, str(out / "audio" / p.split / f"{p.id}.flac")) for s in SPLITS for p in plans[s]]
-    bar = tqdm(total=len(jobs), desc="synthesizing", unit="utt", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="synthesizing", unit="utt", disable=not progress)
     num_samples: list[int] = []
     # Always in spawned worker processes, even for one worker: eSpeak forks once per utterance
     # (see speedasr.data.espeak), which is cheap only in a small process that never imported torch.

@@ -273,7 +273,8 @@ def validate_cuts(
     Returns ``(accepted: CutSet, report: ValidationReport)``; accepted cuts keep their order.
     """
     from lhotse import CutSet
-    from tqdm import tqdm
+
+    from speedasr.console import progress_bar
 
     mode = {True: "header", False: "none"}.get(check_audio, check_audio)
     if mode not in ("none", "header", "full"):
@@ -282,7 +283,7 @@ def validate_cuts(
     accepted = []
     seen: set[str] = set()
     header_cache: dict = {}
-    for cut in tqdm(cuts, desc="validating", unit="cut", disable=not progress):
+    for cut in progress_bar(cuts, desc="validating", unit="cut", disable=not progress):
         report.total += 1
         duration = cut.duration if isinstance(cut.duration, (int, float)) else 0.0
         report.total_seconds += duration if math.isfinite(duration) else 0.0

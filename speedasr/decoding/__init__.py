@@ -4,7 +4,8 @@
 packed batch, then a strategy: ``GreedySearch`` or ``BeamSearch`` (both over an explicit
 ``KVCache``: self-attention keys/values grow by one slot per step, cross-attention keys/values are
 computed once from the packed encoder output), ``UncachedGreedySearch`` (the reference), or
-``CtcGreedySearch`` (the encoder's CTC head, no decoder). Every utterance stops at its own
+``CtcGreedySearch`` (the encoder's CTC head, no decoder); ``BeamSearch`` also decodes jointly with
+the CTC head (``DecodingOptions.ctc_weight``). Every utterance stops at its own
 end-of-text or length limit. ``greedy_decode`` is the short form used by
 training-time validation.
 """
@@ -40,7 +41,7 @@ def strategy_for(options: DecodingOptions) -> Strategy:
     """The search ``options`` ask for."""
     if options.method == "ctc":
         return CtcGreedySearch(options)
-    if options.beam_size > 1:
+    if options.beam_size > 1 or options.ctc_weight > 0:
         return BeamSearch(options)
     return GreedySearch(options) if options.use_cache else UncachedGreedySearch(options)
 

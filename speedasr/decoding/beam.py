@@ -1,4 +1,4 @@
-"""Batched beam search with length normalization over the KV cache."""
+"""Batched beam search with length normalization over the KV cache, optionally joint with CTC."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from speedasr.decoding.cache import KVCache, prefill, step
+from speedasr.decoding.ctc_prefix import CtcPrefixScorer
 from speedasr.decoding.options import DecodingOptions
 from speedasr.nn.segments import Segments
 
@@ -21,6 +22,13 @@ class BeamSearch:
     finished); the winner maximizes ``logprob / length ** length_penalty``. With ``K = 1`` this is
     exactly greedy search. Live-beam selection, reordering of the cache and of the token history
     are batched tensor ops; Python only runs per finishing event.
+
+    Joint CTC/attention (``options.ctc_weight = λ > 0``, models with a CTC head): each beam
+    proposes only its ``max(2K, 4)`` best tokens by the decoder, and end-of-text (so that a
+    hypothesis that has used up its frames can always end); each proposal ``c`` of prefix
+    ``g`` then scores ``(1 - λ) log p_att(c | g) + λ (log p_ctc(g + c...) - log p_ctc(g...))``
+    with CTC prefix probabilities (``CtcPrefixScorer``), end-of-text the CTC probability of
+    exactly ``g``. A hypothesis's total is thus ``(1 - λ) log p_att + λ log p_ctc``.
     """
 
     def __init__(self, options: DecodingOptions) -> None:
@@ -46,6 +54,12 @@ class BeamSearch:
         expand = torch.arange(batch, device=device).repeat_interleave(k)
         cache = cache.select(expand)
         logp = F.log_softmax(logits.float(), dim=-1).index_select(0, expand)
+        ctc_weight = self.options.ctc_weight
+        ctc = None
+        if ctc_weight > 0:
+            blank = model.cfg.pad_id
+            ctc = CtcPrefixScorer(model.ctc_log_probs(enc), enc_segments, expand, blank)
+            proposals = min(vocab, max(2 * k, 4))
         scores = torch.full((batch, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: only the first one may expand
         history = torch.zeros(batch * k, longest, dtype=torch.long, device=device)
@@ -55,9 +69,21 @@ class BeamSearch:
         finished: list[list[tuple[float, int, list[int]]]] = [[] for _ in range(batch)]
         for t in range(longest):
             active = len(utts)
-            cand = (scores[:, :, None] + logp.view(active, k, vocab)).view(active, k * vocab)
+            if ctc is None:
+                per_beam, extension = vocab, logp
+            else:
+                att, labels = propose(logp, proposals, eot_id)  # (A·K, M + 1)
+                prefix = ctc.extend(labels)
+                prefix = torch.where(labels == eot_id, ctc.exact()[:, None], prefix)
+                extension = (1 - ctc_weight) * att + ctc_weight * (prefix - ctc.prefix[:, None])
+                per_beam = proposals + 1
+            cand = scores[:, :, None] + extension.view(active, k, per_beam)
+            cand = cand.view(active, k * per_beam)
             top_scores, top_index = cand.topk(2 * k, dim=-1)  # sorted, best first
-            src, tok = top_index // vocab, top_index % vocab
+            src, tok = top_index // per_beam, top_index % per_beam
+            if ctc is not None:
+                choice = tok  # which proposal of its beam
+                tok = labels.view(active, k * per_beam).gather(1, top_index)
             is_eot = torch.zeros_like(tok, dtype=torch.bool)
             if not self.options.ignore_eot:
                 is_eot = tok == eot_id
@@ -67,6 +93,8 @@ class BeamSearch:
             pick = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)[:, :k]  # (A, K)
             scores = top_scores.gather(1, pick)
             tokens = tok.gather(1, pick)
+            if ctc is not None:
+                chosen = choice.gather(1, pick)
             src_rows = torch.arange(active, device=device)[:, None] * k + src.gather(1, pick)
             src_rows = src_rows.view(-1)
             previous, history = history, history.index_select(0, src_rows)
@@ -104,11 +132,26 @@ class BeamSearch:
                 utts = [utts[a] for a in keep_list]
                 rows = (keep[:, None] * k + beam_offsets).view(-1)
                 scores, tokens, utt_limits = scores[keep], tokens[keep], utt_limits[keep]
+                if ctc is not None:
+                    chosen = chosen[keep]
                 history, src_rows = history[rows], src_rows[rows]
             cache = cache.select(src_rows)
+            if ctc is not None:
+                ctc.select(src_rows, chosen.view(-1))
             logp = F.log_softmax(step(decoder, cache, tokens.view(-1)).float(), dim=-1)
         alpha = self.options.length_penalty
         best = [
             max(hyps, key=lambda h: h[0] / h[1] ** alpha)[2] if hyps else [] for hyps in finished
         ]
         return [text[:n] for text, n in zip(best, limit, strict=True)]
+
+
+def propose(logp: torch.Tensor, proposals: int, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint decoding's candidates per row of decoder log-probs ``(R, V)``: the ``proposals`` best
+    tokens, then end-of-text (its score -inf if it is already among them). ``(R, M + 1)`` scores
+    and token ids."""
+    att, labels = logp.topk(proposals, dim=-1)
+    eot = torch.full_like(labels[:, :1], eot_id)
+    eot_att = logp[:, eot_id : eot_id + 1].masked_fill((labels == eot_id).any(-1, keepdim=True),
+                                                       float("-inf"))  # fmt: skip
+    return torch.cat((att, eot_att), dim=-1), torch.cat((labels, eot), dim=-1)

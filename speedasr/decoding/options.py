@@ -33,6 +33,10 @@ class DecodingOptions:
     use_cache: bool = True
     """Incremental decoding with a KV cache; False re-runs the decoder over the whole prefix at
     every step (the reference implementation, quadratic in output length; greedy only)."""
+    ctc_weight: float = 0.0
+    """Joint CTC/attention decoding (``method="attention"``, models with a CTC head): weight λ
+    of the CTC prefix log-probability against ``1 - λ`` for the decoder's (``BeamSearch``); it
+    keeps the decoder from repeating or skipping stretches of long utterances. 0: decoder only."""
     ignore_eot: bool = False
     """Never stop at end-of-text: emit exactly the length limit (benchmarks of untrained weights
     force the reference length this way, so every architecture emits the same number of tokens)."""
@@ -42,6 +46,15 @@ class DecodingOptions:
             raise ValueError(f"method must be 'attention' or 'ctc', got {self.method!r}")
         if self.method == "ctc" and self.beam_size > 1:
             raise ValueError("beam_size > 1 is for method='attention'; CTC decoding is greedy")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if self.method == "ctc" and self.ctc_weight > 0:
+            raise ValueError("ctc_weight is for method='attention' (joint decoding)")
+        if not self.use_cache and self.ctc_weight > 0:
+            raise ValueError(
+                "ctc_weight > 0 conflicts with use_cache=False (joint decoding is a "
+                "beam search over the KV cache)"
+            )
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         if self.max_len is not None and self.max_len < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
 from speedasr.errors import UserError
@@ -27,6 +27,7 @@ def build_logger(out_dir: Path) -> list[Logger]:
 def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Callback]]:
     """Checkpointing, exact-resume progress, fault tolerance and the enabled profiling monitors.
     Returns (all callbacks, monitors); ``FaultMonitor`` counts as a monitor (it has a summary)."""
+    from speedasr.console import LOG_REFRESH_STEPS, is_terminal
     from speedasr.train.callbacks import (
         GPUUtilizationMonitor,
         PaddingMonitor,
@@ -71,6 +72,9 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
     if cfg.monitors.throughput:
         monitors.append(ThroughputMonitor())
     callbacks = [progress, *checkpoints, LearningRateMonitor(logging_interval="step"), *monitors]
+    if cfg.trainer.enable_progress_bar and not is_terminal():
+        # Into a log file every redraw is appended: redraw every 100 steps, not several per second.
+        callbacks.append(TQDMProgressBar(refresh_rate=LOG_REFRESH_STEPS))
     return callbacks, monitors
 
 

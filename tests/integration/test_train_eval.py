@@ -75,6 +75,10 @@ def test_eval_and_transcribe(trained):
                "--decoder", "ctc")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CTC greedy" in proc.stdout
+    proc = cli("eval", "--ckpt", ckpt, "--cuts", str(root / "dev/cuts.jsonl.gz"),
+               "--ctc-weight", "0.3", "--beam-size", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "beam 2 joint with CTC (weight 0.3)" in proc.stdout
     audio = sorted((root / "dev/audio").iterdir())[:2]
     proc = cli("transcribe", "--ckpt", ckpt, *map(str, audio))
     assert proc.returncode == 0, proc.stderr[-2000:]
