@@ -144,12 +144,12 @@ def test_joint_greedy_takes_the_best_joint_step_among_the_decoder_proposals(weig
             att = m.decode_logits(torch.tensor(seq), Segments.from_lengths([len(seq)]), e, e_seg)
             att = att.log_softmax(-1)[len(PROMPTS[i]) - 1 :]
             for t in range(len(hyp) + 1):
-                top, labels = att[t].topk(4)  # max(2 * beam, 4) proposals, and end-of-text
-                if EOT not in labels:
-                    top, labels = (
-                        torch.cat((top, att[t, EOT : EOT + 1])),
-                        torch.cat((labels, torch.tensor([EOT]))),
-                    )
+                # the 4 (= max(2 * beam, 4)) best tokens other than end-of-text, and end-of-text
+                others = att[t].clone()
+                others[EOT] = float("-inf")
+                top, labels = others.topk(4)
+                top = torch.cat((top, att[t, EOT : EOT + 1]))
+                labels = torch.cat((labels, torch.tensor([EOT])))
                 prefix = scorer.extend(labels[None])[0]
                 prefix = torch.where(labels == EOT, scorer.exact()[0], prefix)
                 joint = (1 - weight) * top + weight * (prefix - scorer.prefix[0])

@@ -59,7 +59,7 @@ class BeamSearch:
         if ctc_weight > 0:
             blank = model.cfg.pad_id
             ctc = CtcPrefixScorer(model.ctc_log_probs(enc), enc_segments, expand, blank)
-            proposals = min(vocab, max(2 * k, 4))
+            proposals = min(vocab - 1, max(2 * k, 4))  # + end-of-text
         scores = torch.full((batch, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: only the first one may expand
         history = torch.zeros(batch * k, longest, dtype=torch.long, device=device)
@@ -148,10 +148,11 @@ class BeamSearch:
 
 def propose(logp: torch.Tensor, proposals: int, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint decoding's candidates per row of decoder log-probs ``(R, V)``: the ``proposals`` best
-    tokens, then end-of-text (its score -inf if it is already among them). ``(R, M + 1)`` scores
-    and token ids."""
-    att, labels = logp.topk(proposals, dim=-1)
+    tokens other than end-of-text, then end-of-text; ``(R, M + 1)`` scores and token ids. Exactly
+    one end-of-text per beam keeps the search's invariant (at most ``K`` of the ``2K`` best
+    candidates end a hypothesis)."""
+    att, labels = logp.index_fill(
+        1, torch.tensor([eot_id], device=logp.device), float("-inf")
+    ).topk(proposals, dim=-1)
     eot = torch.full_like(labels[:, :1], eot_id)
-    eot_att = logp[:, eot_id : eot_id + 1].masked_fill((labels == eot_id).any(-1, keepdim=True),
-                                                       float("-inf"))  # fmt: skip
-    return torch.cat((att, eot_att), dim=-1), torch.cat((labels, eot), dim=-1)
+    return torch.cat((att, logp[:, eot_id : eot_id + 1]), -1), torch.cat((labels, eot), -1)
