@@ -53,9 +53,6 @@ class ModelConfig:
     """A LayerNorm at the end of every conformer block, as in the Conformer paper and NeMo (the
     Canary presets); False: a single LayerNorm after the last block, which trains from scratch
     much faster on small data (docs/training.md)."""
-    absolute_positions: bool = False
-    """Add sinusoidal absolute positions to the subsampled encoder frames (as Whisper does), so
-    the decoder's cross-attention can tell where in the audio it is (``ConformerEncoder``)."""
     decoder_layers: int = 2
     """Transformer decoder blocks."""
     decoder_d_model: int | None = None
@@ -146,7 +143,6 @@ class AEDModel(nn.Module):
             layers=cfg.encoder_layers, heads=cfg.encoder_heads, d_ff=cfg.ff_mult * cfg.d_model,
             kernel_size=cfg.conv_kernel, dropout=cfg.dropout, rope_base=cfg.rope_base,
             attention_backend=cfg.attention_backend, block_out_norm=cfg.block_out_norm,
-            absolute_positions=cfg.absolute_positions,
         )  # fmt: skip
         self.decoder = TransformerDecoder(
             vocab_size=cfg.vocab_size, d_model=cfg.dec_d_model, layers=cfg.decoder_layers,

@@ -19,7 +19,7 @@ from torch import nn
 
 from speedasr.data.padding import encoder_length
 from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
-from speedasr.nn.rotary import apply_rotary, rotary_tables
+from speedasr.nn.rotary import apply_rotary
 from speedasr.nn.segments import Segments
 
 SUBSAMPLING_STAGES = 3
@@ -231,22 +231,14 @@ class ConformerEncoder(nn.Module):
     LayerNorm after the last block (the pre-LN Transformer arrangement), whose residual stream
     is never renormalized and which leaves its all-blank CTC plateau much sooner when trained
     from scratch on little data (docs/training.md).
-
-    absolute_positions: add sinusoidal positions (restarting at 0 per utterance) to the
-    subsampled frames, as Whisper's encoder does. Self-attention needs none (rotary), but the
-    decoder's cross-attention sees only the encoder output: without them it must find its place
-    in the audio by content alone, which repeats or skips stretches of long utterances whose
-    words recur.
     """
 
     def __init__(
         self, n_mels: int, subsampling_channels: int, d_model: int, layers: int, heads: int,
         d_ff: int, kernel_size: int, dropout: float, rope_base: float = 10000.0,
         attention_backend: str = "auto", block_out_norm: bool = False,
-        absolute_positions: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.absolute_positions = absolute_positions
         self.subsampling = ConvSubsampling(n_mels, subsampling_channels, d_model)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -262,8 +254,6 @@ class ConformerEncoder(nn.Module):
         """``features: (ΣT, n_mels)`` -> ``(ΣT', D)`` with ``T'_i = encoder_length(T_i)``."""
         x, enc_segments = self.subsampling.forward_packed(features, segments)
         layout = PackedLayout(enc_segments, self.attention_backend)
-        if self.absolute_positions:
-            x = x + sinusoids(enc_segments.positions, x.shape[-1]).to(x.dtype)
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, layout)
@@ -275,15 +265,7 @@ class ConformerEncoder(nn.Module):
         """``features: (B, T, n_mels)`` -> ``(B, T', D)``; rows past each length are junk."""
         x, enc_segments, length = self.subsampling.forward_padded(features, segments)
         layout = PaddedLayout(enc_segments, length)
-        if self.absolute_positions:
-            x = x + sinusoids(torch.arange(x.shape[-2], device=x.device), x.shape[-1]).to(x.dtype)
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, layout)
         return self.norm(x), layout
-
-
-def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer sinusoidal position table ``(*positions.shape, dim)``: sines, then cosines."""
-    cos, sin = rotary_tables(positions, dim)
-    return torch.cat((sin, cos), dim=-1)

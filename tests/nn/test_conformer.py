@@ -15,12 +15,11 @@ from speedasr.nn.segments import Segments
 N_MELS = 20
 
 
-def encoder(layers=2, block_out_norm=False, absolute_positions=False):
+def encoder(layers=2, block_out_norm=False):
     torch.manual_seed(0)
     return ConformerEncoder(
         n_mels=N_MELS, subsampling_channels=4, d_model=16, layers=layers, heads=2, d_ff=32,
         kernel_size=5, dropout=0.0, attention_backend="torch", block_out_norm=block_out_norm,
-        absolute_positions=absolute_positions,
     ).eval()  # fmt: skip
 
 
@@ -117,11 +116,9 @@ def test_encoder_uses_no_batch_statistics():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder().modules())
 
 
-@pytest.mark.parametrize(
-    ("block_out_norm", "absolute_positions"), [(False, False), (True, False), (False, True)]
-)
-def test_encoder_packed_equals_padded_and_alone_with_gradients(block_out_norm, absolute_positions):
-    enc = encoder(block_out_norm=block_out_norm, absolute_positions=absolute_positions)
+@pytest.mark.parametrize("block_out_norm", [False, True])
+def test_encoder_packed_equals_padded_and_alone_with_gradients(block_out_norm):
+    enc = encoder(block_out_norm=block_out_norm)
     seg = Segments.from_lengths(LENGTHS)
     x = features(LENGTHS).requires_grad_()
     y, layout = enc.forward_packed(x, seg)
@@ -137,23 +134,6 @@ def test_encoder_packed_equals_padded_and_alone_with_gradients(block_out_norm, a
     g2 = torch.autograd.grad((layout.segments.unpad(y_pad) * w).sum(), [x, *params])
     for a, b in zip(g1, g2, strict=True):
         close(a, b)
-
-
-def test_absolute_positions_are_the_sinusoid_table_restarting_per_utterance():
-    # With no blocks and an identity final norm, the encoder output is subsampling + positions.
-    plain = encoder(layers=0, block_out_norm=True)
-    positioned = encoder(layers=0, block_out_norm=True, absolute_positions=True)
-    seg = Segments.from_lengths([40, 17])
-    x = features([40, 17])
-    y0, layout = plain.forward_packed(x, seg)
-    y1, _ = positioned.forward_packed(x, seg)
-    d = 16
-    expected = []
-    for n in layout.segments.lengths:  # by hand: PE[p, i] = sin(p w_i), PE[p, d/2 + i] = cos(p w_i)
-        p = torch.arange(n, dtype=torch.float64)[:, None]
-        w = 10000.0 ** (-torch.arange(d // 2, dtype=torch.float64) / (d // 2))
-        expected.append(torch.cat(((p * w).sin(), (p * w).cos()), dim=1))
-    torch.testing.assert_close((y1 - y0).double(), torch.cat(expected), atol=1e-5, rtol=0)
 
 
 def test_perturbing_one_utterance_leaves_others_bit_identical():
