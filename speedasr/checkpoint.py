@@ -8,7 +8,7 @@ someone else cannot run code) and needs no other file.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -52,6 +52,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model_hparams = dict(hparams["model"])
         # Saved before `block_out_norm` existed: those encoders end every block with a LayerNorm.
         model_hparams.setdefault("block_out_norm", True)
+        unknown = sorted(set(model_hparams) - {f.name for f in fields(ModelConfig)})
+        if unknown:
+            raise UserError(
+                f"checkpoint '{path}' has model settings this version of speedasr does not know: "
+                f"{', '.join(unknown)} (saved by another version?)"
+            )
         config = ModelConfig(**model_hparams)
         tokenizer = Tokenizer.from_state(ckpt["tokenizer"])
         state = {

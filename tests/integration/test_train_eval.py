@@ -130,6 +130,18 @@ def test_checkpoint_from_before_block_out_norm_loads(trained, tmp_path):
         torch.testing.assert_close(loaded.model.encode(x, seg)[0], old.encode(x, seg)[0])
 
 
+def test_checkpoint_with_unknown_model_settings_is_a_clear_error(trained, tmp_path):
+    root, _ = trained
+    ckpt = torch.load(root / "exp/checkpoints/last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["model"]["absolute_positions"] = True  # from another version
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    proc = cli("eval", "--ckpt", str(tmp_path / "other.ckpt"),
+               "--cuts", str(root / "dev/cuts.jsonl.gz"))  # fmt: skip
+    assert proc.returncode == 2
+    assert "does not know: absolute_positions" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_last_checkpoint_holds_the_final_step(trained):
     root, _ = trained
     ckpt = torch.load(root / "exp/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
