@@ -21,16 +21,30 @@ def test_fsdp_on_cpu_is_a_clear_error_before_any_work():
     check_trainer_config(TrainerConfig(strategy="ddp", accelerator="cpu"))
 
 
+def _two_gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp"])
-def test_two_process_run_has_equal_steps_and_no_repeated_cut(tmp_path, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "accelerator"),
+    [
+        ("ddp", "cpu"),
+        # Lightning's FSDP (and torch's FSDP1 under it) refuse CPU devices: this runs only where
+        # two GPUs are.
+        pytest.param("fsdp", "gpu", marks=pytest.mark.skipif(not _two_gpus(), reason="2 GPUs")),
+    ],
+)
+def test_two_process_run_has_equal_steps_and_no_repeated_cut(tmp_path, strategy, accelerator):
     cuts = make_tiny_cuts(tmp_path / "train", n=16, seed=0, speech=True)
     Tokenizer.train(tiny_texts(200, seed=1), tmp_path / "tok", vocab_size=96)
     (tmp_path / "c.yaml").write_text(
         "model: {d_model: 32, encoder_layers: 1, encoder_heads: 2, decoder_layers: 1,"
         " subsampling_channels: 8, attention_backend: torch}\n"
         "sampler: {mode: packed, max_duration: 6.0, num_buckets: 2, num_token_buckets: 1}\n"
-        f"trainer: {{max_epochs: 2, accelerator: cpu, devices: 2, strategy: {strategy},"
+        f"trainer: {{max_epochs: 2, accelerator: {accelerator}, devices: 2, strategy: {strategy},"
         " enable_progress_bar: false, log_every_n_steps: 1}\n"
         "monitors: {padding: true, gpu: false, throughput: false}\n"
         "data: {num_workers: 0}\n"
