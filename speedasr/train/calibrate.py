@@ -25,7 +25,6 @@ Output (``--out``, YAML) is a config fragment that training reads after its own 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import logging
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 from speedasr.errors import UserError
+from speedasr.train.progress import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ class CpuMemoryLimit(MemoryLimit):
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        try:  # glibc: malloc_trim gives freed heap pages back to the OS between trials
-            self._libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self._libc = None
         if not Path("/proc/self/clear_refs").exists():
             raise UserError("CPU calibration needs Linux (/proc/self/clear_refs, VmHWM)")
 
@@ -94,8 +90,7 @@ class CpuMemoryLimit(MemoryLimit):
 
     def _trim(self) -> None:
         gc.collect()
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
+        release_free_heap()  # freed heap pages go back to the OS between trials
 
     def __call__(self, step: Callable[[], None]) -> tuple[bool, int]:
         self._trim()

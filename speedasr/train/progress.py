@@ -153,11 +153,11 @@ class HeapTrimmer:
     arenas fragment, and a training process's resident memory climbs all through an epoch
     (docs/benchmarks.md, "Host memory": by ~50% within one epoch on the demo corpus) although
     little of it is alive. ``malloc_trim`` gives the free pages back, but each call costs tens of
-    ms and the pages must be faulted in again when reused (a trim every 10 steps slowed the tiny
-    benchmark run by ~15%), so this trims only when resident memory has grown by ``slack`` since
-    the last trim: resident memory at the end of a step stays below ``1 + slack`` times what a
-    trim leaves. Memory
-    that is alive is never touched: a trim that frees little just raises the bar.
+    ms and the pages must be faulted in again when reused (trimming about every 5 steps slowed the
+    tiny benchmark run by ~15%), so this trims only when resident memory has grown by ``slack``
+    since the last trim: resident memory at the end of a step stays below ``1 + slack`` times what
+    a trim leaves. Memory that is alive is never touched: a trim that frees little just raises
+    the bar.
     """
 
     def __init__(self, slack: float = HEAP_SLACK, slack_min: int = HEAP_SLACK_MIN) -> None:
