@@ -359,7 +359,8 @@ def test_monitors_resume_from_checkpoint(tmp_path):
     assert {"PaddingMonitor", "GPUUtilizationMonitor", "ThroughputMonitor"} <= set(states)
 
     second = monitors()
-    fit(tmp_path, list(second), max_steps=6, ckpt_path=ckpt)
+    # Steps that take 10 ms give the 2 ms sampler thread time to sample even on a loaded machine.
+    fit(tmp_path, list(second), max_steps=6, ckpt_path=ckpt, module=ToyModule(step_seconds=0.01))
     padding, gpu, speed = second
     # which batches Lightning replays after a mid-epoch resume is its business; the counts carry on
     assert padding.totals.batches == speed.totals["batches"] == 6
