@@ -45,7 +45,11 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """The model of a speedasr checkpoint, in eval mode, its weights cast to ``dtype`` on
+    ``device`` (inference in bfloat16: see ``speedasr.inference.inference_dtype``)."""
     ckpt = read_checkpoint(path)
     try:
         hparams = ckpt["hyper_parameters"]
@@ -74,5 +78,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"checkpoint '{path}' does not match its model config: "
             f"missing {missing[:3]}..., unexpected {unexpected[:3]}..."
         )
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, tokenizer, config, int(ckpt.get("global_step", 0)))

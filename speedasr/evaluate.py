@@ -70,12 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from speedasr.checkpoint import load_model
     from speedasr.data.manifests import load_cuts, validate_cuts
     from speedasr.errors import UserError
-    from speedasr.inference import check_decoder, decoding_options
+    from speedasr.inference import check_decoder, decoding_options, inference_dtype
 
     options = decoding_options(args)
     if args.max_utterances is not None and args.max_utterances < 1:
         raise UserError(f"--max-utterances must be >= 1, got {args.max_utterances}")
-    loaded = load_model(args.ckpt, args.device)
+    loaded = load_model(args.ckpt, args.device, inference_dtype(args.dtype, args.device))
     check_decoder(loaded.model, options, args.ckpt)
     cuts = load_cuts(args.cuts)
     if args.max_utterances:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         f"WER {100 * wer:.2f}% on {len(result.refs)} utterances "
         f"({result.audio_seconds / 60:.1f} min of audio); RTFx {rtfx:.1f} end to end "
         f"({result.wall_seconds:.1f} s wall), {model_rtfx:.1f} model only; {search}, "
-        f"device {args.device}, step {loaded.step}"
+        f"device {args.device}, {args.dtype}, step {loaded.step}"
     )
     if args.json:
         summary = {
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             "wall_seconds": result.wall_seconds, "model_seconds": result.model_seconds,
             "rtfx": rtfx, "model_rtfx": model_rtfx, "beam_size": options.beam_size,
             "decoder": options.method, "ctc_weight": options.ctc_weight, "step": loaded.step,
+            "dtype": args.dtype,
         }  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -311,3 +311,54 @@ def test_ctc_options_and_missing_head():
     seg = Segments.from_lengths(FRAMES)
     with pytest.raises(ValueError, match="no CTC head"):
         decode(model(), features(), seg, PROMPTS, EOT, DecodingOptions(method="ctc"))
+
+
+# --- inference in bfloat16 (`--dtype bfloat16`) ---------------------------------------------------
+def hybrid_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, n_mels=MELS, subsampling_channels=4, d_model=16, encoder_layers=2,
+        encoder_heads=2, decoder_layers=2, dropout=0.0, attention_backend="torch", ctc_weight=0.5,
+    )  # fmt: skip
+    return AEDModel(cfg).eval()
+
+
+def test_bfloat16_model_computes_in_bfloat16_and_tracks_float32():
+    """A model cast to bfloat16 takes the float32 features every loader produces; its encoder
+    output and cached decoder logits stay within bfloat16 rounding of the float32 model's."""
+    import copy
+
+    fp = hybrid_model()
+    bf = copy.deepcopy(fp).to(torch.bfloat16)
+    seg = Segments.from_lengths(FRAMES)
+    x = features(3)  # float32
+    with torch.no_grad():
+        enc_fp, enc_seg = fp.encode(x, seg)
+        enc_bf, _ = bf.encode(x, seg)
+        assert enc_bf.dtype == torch.bfloat16
+        assert 0 < (enc_bf.float() - enc_fp).abs().max() < 0.1 * enc_fp.abs().max()
+        logits = {}
+        for name, m, enc in (("fp", fp, enc_fp), ("bf", bf, enc_bf)):
+            cache = KVCache.allocate(m.decoder, enc, enc_seg, capacity=8)
+            out = [prefill(m.decoder, cache, PROMPTS)]
+            out += [step(m.decoder, cache, torch.tensor([5, 6, 7])) for _ in range(3)]
+            logits[name] = torch.stack(out)
+    assert logits["bf"].dtype == torch.bfloat16
+    scale = logits["fp"].abs().max()
+    torch.testing.assert_close(logits["bf"].float(), logits["fp"], rtol=0, atol=0.05 * scale)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [DecodingOptions(max_len=6), DecodingOptions(beam_size=3, max_len=6),
+     DecodingOptions(ctc_weight=0.3, beam_size=2, max_len=6), DecodingOptions(method="ctc")],
+)  # fmt: skip
+def test_every_search_runs_in_bfloat16_and_batched_equals_one_by_one(options):
+    m = hybrid_model().to(torch.bfloat16)
+    seg = Segments.from_lengths(FRAMES)
+    x = features(4)
+    batch = decode(m, x, seg, PROMPTS, EOT, options)
+    assert any(batch)
+    for i, xi in enumerate(seg.split(x)):
+        alone = decode(m, xi, Segments.from_lengths([FRAMES[i]]), [PROMPTS[i]], EOT, options)
+        assert alone[0] == batch[i]

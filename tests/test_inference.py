@@ -94,11 +94,22 @@ def test_beam_search_from_the_command_line(trained, tmp_path):
     assert json.loads(out.read_text())["beam_size"] == 3
 
 
+def test_eval_in_bfloat16(trained, tmp_path):
+    ckpt, cuts, _ = trained
+    out, rows = tmp_path / "bf16.json", tmp_path / "bf16.jsonl"
+    assert main(["eval", "--ckpt", str(ckpt), "--cuts", str(cuts), "--json", str(out), "--out",
+                 str(rows), "--quiet", "--dtype", "bfloat16"]) == 0  # fmt: skip
+    summary = json.loads(out.read_text())
+    assert summary["dtype"] == "bfloat16" and summary["utterances"] == 8
+    assert any(json.loads(line)["hyp"] for line in rows.read_text().splitlines())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["transcribe", "--ckpt", "x.ckpt"], "either audio files or --cuts"),
     (["transcribe", "--ckpt", "x.ckpt", "--beam-size", "0", "a.wav"], "beam_size must be >= 1"),
     (["eval", "--ckpt", "x.ckpt", "--cuts", "c", "--beam-size", "2", "--no-cache"], "use_cache"),
     (["eval", "--ckpt", "missing.ckpt", "--cuts", "c"], "does not exist"),
+    (["eval", "--ckpt", "x.ckpt", "--cuts", "c", "--dtype", "float16"], "float16 needs a GPU"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_error(argv, message, capsys):
     assert main(argv) == 2

@@ -103,7 +103,10 @@ def load_utterances(cuts_path: str | None, n: int, tokenizer_dir: str | None) ->
     return Utterances(feats, seconds, tokens)
 
 
-def build_model(split: Split, d_model: int, heads: int, vocab_size: int, seed: int = 0):
+def build_model(
+    split: Split, d_model: int, heads: int, vocab_size: int, seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):  # fmt: skip
     from speedasr.models.aed import AEDModel, ModelConfig
 
     cfg = ModelConfig(
@@ -112,7 +115,7 @@ def build_model(split: Split, d_model: int, heads: int, vocab_size: int, seed: i
         subsampling_channels=64, dropout=0.0, ctc_weight=0.0, attention_backend="torch",
     )  # fmt: skip
     torch.manual_seed(seed)
-    return AEDModel(cfg).eval()
+    return AEDModel(cfg).to(dtype).eval()
 
 
 def time_pass(
@@ -149,6 +152,7 @@ def time_pass(
 def benchmark(
     splits: list[Split], utts: Utterances, batch_sizes: list[int], repeats: int = 3,
     d_model: int = 256, heads: int = 4, vocab_size: int = 256, reference: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict]:  # fmt: skip
     """One row per (split, batch size): parameters, median timings, RTFx and FLOPs; with
     ``reference``, also the decoder time per step without KV cache (one pass)."""
@@ -156,7 +160,7 @@ def benchmark(
     from speedasr.models.sizing import count_parameters
 
     prompt, eot_id = [2, 3, 4, 5], 1  # any ids: weights are untrained and end-of-text is ignored
-    models = {s.name: build_model(s, d_model, heads, vocab_size) for s in splits}
+    models = {s.name: build_model(s, d_model, heads, vocab_size, dtype=dtype) for s in splits}
     runs: dict[tuple[str, int], list[dict]] = {(s.name, b): [] for s in splits for b in batch_sizes}
     for s in splits:  # warm-up: allocator, thread pool, first-call dispatch
         time_pass(models[s.name], Utterances(utts.features[:2], utts.seconds[:2],
@@ -219,7 +223,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights and activations of every config (bfloat16: as deployed on GPUs, and fast "
+        "on CPUs with AVX512-BF16/AMX)",
+    )
     parser.add_argument(
         "--reference",
         action="store_true",
@@ -237,11 +250,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--batch-sizes expects integers like 1,16, got '{args.batch_sizes}'"
         ) from None
-    if min(batch_sizes) < 1 or args.repeats < 1 or args.utterances < 1 or args.threads < 1:
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
+    if min(batch_sizes) < 1 or args.repeats < 1 or args.utterances < 1 or threads < 1:
         raise UserError("--batch-sizes, --repeats, --utterances and --threads must be >= 1")
     if args.d_model % args.heads or (args.d_model // args.heads) % 2:
         raise UserError(f"--d-model {args.d_model} must split into {args.heads} even-sized heads")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
+    from speedasr.inference import inference_dtype
+
+    dtype = inference_dtype(args.dtype, "cpu")
     utts = load_utterances(args.cuts, args.utterances, args.tokenizer)
     vocab = args.vocab_size
     if vocab is None:
@@ -251,12 +268,13 @@ def run(args: argparse.Namespace) -> int:
 
             vocab = Tokenizer.load(args.tokenizer).vocab_size
     rows = benchmark(
-        splits, utts, batch_sizes, args.repeats, args.d_model, args.heads, vocab, args.reference
-    )
+        splits, utts, batch_sizes, args.repeats, args.d_model, args.heads, vocab, args.reference,
+        dtype,
+    )  # fmt: skip
     print(
         f"{len(utts.features)} utterances, {utts.audio_seconds:.1f} s of audio, "
         f"{sum(utts.tokens)} forced tokens; d_model {args.d_model}, vocab {vocab}, "
-        f"{args.threads} thread(s), median of {args.repeats}"
+        f"{args.dtype}, {threads} thread(s), median of {args.repeats}"
     )
     print(render(rows))
     if args.json:
@@ -267,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
             "details": rows,
             "audio_seconds": utts.audio_seconds,
             "utterances": len(utts.features),
-            "threads": args.threads,
+            "threads": threads,
+            "dtype": args.dtype,
             "d_model": args.d_model,
         }
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

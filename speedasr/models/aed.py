@@ -151,11 +151,19 @@ class AEDModel(nn.Module):
         )  # fmt: skip
         self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else None
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.decoder.embed.weight.dtype
+
     # --- encoder ----------------------------------------------------------------------------------
     def encode(
         self, features: torch.Tensor, feature_segments: Segments
     ) -> tuple[torch.Tensor, Segments]:
-        """Packed: ``features (ΣT, n_mels)`` -> ``enc (ΣT', D)`` and its descriptor."""
+        """Packed: ``features (ΣT, n_mels)`` -> ``enc (ΣT', D)`` and its descriptor.
+
+        Features are cast to the weights' dtype (a model cast to bfloat16 for inference takes the
+        float32 features every loader produces; under autocast the weights stay float32)."""
+        features = features.to(self.weight_dtype)
         enc, layout = self.encoder.forward_packed(features, feature_segments)
         return enc, layout.segments
 
@@ -163,6 +171,7 @@ class AEDModel(nn.Module):
         self, features: torch.Tensor, feature_segments: Segments
     ) -> tuple[torch.Tensor, Segments]:
         """Padded: ``features (B, T, n_mels)`` -> ``enc (B, T', D)`` (junk past each length)."""
+        features = features.to(self.weight_dtype)
         enc, layout = self.encoder.forward_padded(features, feature_segments)
         return enc, layout.segments
 

@@ -60,3 +60,17 @@ def test_command_writes_json(tmp_path, capsys):
         assert set(row) == {"name", "encoder_layers", "decoder_layers", "params", "batch_size",
                             "rtfx"}  # fmt: skip
     assert "RTFx" in capsys.readouterr().out
+
+
+def test_command_in_bfloat16_records_dtype_and_threads(tmp_path):
+    out = tmp_path / "rtfx.json"
+    argv = ["bench", "rtfx", "--utterances", "2", "--repeats", "1", "--d-model", "32", "--heads",
+            "2", "--splits", "a=2/1", "--batch-sizes", "2", "--dtype", "bfloat16", "--threads",
+            "1", "--json", str(out)]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bfloat16" and data["threads"] == 1 and data["configs"][0]["rtfx"] > 0
