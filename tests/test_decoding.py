@@ -340,6 +340,7 @@ def test_bfloat16_model_computes_in_bfloat16_and_tracks_float32():
         logits = {}
         for name, m, enc in (("fp", fp, enc_fp), ("bf", bf, enc_bf)):
             cache = KVCache.allocate(m.decoder, enc, enc_seg, capacity=8)
+            assert cache.dtype == torch.float32  # on a CPU; bfloat16 on a GPU
             out = [prefill(m.decoder, cache, PROMPTS)]
             out += [step(m.decoder, cache, torch.tensor([5, 6, 7])) for _ in range(3)]
             logits[name] = torch.stack(out)

@@ -49,8 +49,8 @@ class CrossAttention(nn.Module):
         (True at real frames) or additive (0 / -inf); every row needs one real key (see
         ``speedasr.decoding.cache``)."""
         q = self.q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        return self.proj(out.transpose(1, 2).flatten(-2))
+        out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=key_mask)
+        return self.proj(out.to(x.dtype).transpose(1, 2).flatten(-2))
 
 
 class DecoderBlock(nn.Module):
@@ -86,9 +86,10 @@ class DecoderBlock(nn.Module):
         """Incremental forward (inference: no dropout) of ``S`` new positions ``x: (B, S, D)``.
 
         rotary: ``cos, sin: (B, S, Dh/2)`` at the new positions (continuing after the cached ones,
-            so they match the full forward). self_kv: this block's cache ``k, v: (B, H, L, Dh)``;
-            the new keys/values are written in place at slots ``write_index = (rows, cols)``, both
-            ``(B, S)``, before attending. self_mask: ``(B, 1, S, L')``, True (or 0 if additive)
+            so they match the full forward). self_kv: this block's cache ``k, v: (B, H, L, Dh)``,
+            in ``x``'s dtype or wider (attention runs in the cache's dtype); the new keys/values
+            are written in place at slots ``write_index = (rows, cols)``, both ``(B, S)``, before
+            attending. self_mask: ``(B, 1, S, L')``, True (or 0 if additive)
             where a new position may attend to a slot (``L' <= L``: only slots in use are read).
             cross_kv, cross_mask: ``CrossAttention.memory_kv`` of the encoder output and its
             ``(B, 1, 1, T')`` mask.
@@ -98,14 +99,14 @@ class DecoderBlock(nn.Module):
         cos, sin = rotary
         qk = apply_rotary(qkv[:, :, :2], cos[:, :, None], sin[:, :, None])  # q and k in one call
         k_cache, v_cache = self_kv
-        k_cache[write_index[0], :, write_index[1]] = qk[:, :, 1]
-        v_cache[write_index[0], :, write_index[1]] = qkv[:, :, 2]
+        k_cache[write_index[0], :, write_index[1]] = qk[:, :, 1].to(k_cache.dtype)
+        v_cache[write_index[0], :, write_index[1]] = qkv[:, :, 2].to(v_cache.dtype)
         used = self_mask.shape[-1]
         out = F.scaled_dot_product_attention(
-            qk[:, :, 0].transpose(1, 2), k_cache[:, :, :used], v_cache[:, :, :used],
-            attn_mask=self_mask,
+            qk[:, :, 0].transpose(1, 2).to(k_cache.dtype), k_cache[:, :, :used],
+            v_cache[:, :, :used], attn_mask=self_mask,
         )  # fmt: skip
-        x = x + attn.proj(out.transpose(1, 2).flatten(-2))
+        x = x + attn.proj(out.to(x.dtype).transpose(1, 2).flatten(-2))
         x = x + self.cross_attn.forward_cached(self.cross_norm(x), *cross_kv, cross_mask)
         return x + self.ff(self.ff_norm(x))
 
