@@ -22,3 +22,5 @@ speedasr bench throughput --cuts "$DATA/train_cuts.jsonl.gz" --tokenizer "$DATA/
 
 echo "== inference RTFx: encoder/decoder splits"
 speedasr bench rtfx --cuts "$DATA/test_cuts.jsonl.gz" --tokenizer "$DATA/tokenizer" --json "$OUT/rtfx.json"
+speedasr bench rtfx --cuts "$DATA/test_cuts.jsonl.gz" --tokenizer "$DATA/tokenizer" --dtype bfloat16 \
+  --json "$OUT/rtfx_bf16.json"

@@ -11,6 +11,7 @@ RTFx = seconds of audio / seconds of model time (packed encoder + KV-cached gree
 features are computed once beforehand and not timed). Repeats are interleaved across
 configurations (A B A B ...) so load on a shared machine hits all of them alike; medians are
 reported. The FLOPs of each configuration come from ``speedasr.models.planner.inference_flops``.
+``--threads`` (default: all cores) and ``--dtype`` (float32 or bfloat16) apply to every config.
 """
 
 from __future__ import annotations
