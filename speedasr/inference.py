@@ -171,8 +171,10 @@ def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
 
 
 def _cpu_has_native_bfloat16() -> bool:
-    try:  # oneDNN's check (AVX512-BF16 or AMX); a private op, so unknown counts as yes (no note)
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """AVX512-BF16 or AMX on x86 (oneDNN's own bf16 check accepts plain AVX-512, which only
+    emulates bfloat16 matmuls); private torch helpers, so unknown counts as yes (no note)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return True
 

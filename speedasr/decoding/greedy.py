@@ -63,6 +63,8 @@ class UncachedGreedySearch:
 
     No state but the token lists: the reference the cached strategies are tested against, and the
     baseline of the per-step cost in ``speedasr bench rtfx``. Cost is quadratic in output length.
+    Gives exactly ``GreedySearch``'s tokens in float32; in bfloat16 on a CPU the cached path's
+    attention runs in float32 (``cache_dtype``) and near-ties may break differently.
     """
 
     def __init__(self, options: DecodingOptions) -> None:

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from speedasr.bench.rtfx import Split, Utterances, benchmark, parse_splits, render
+from speedasr.bench.rtfx import Split, Utterances, benchmark, build_model, parse_splits, render
 from speedasr.cli import main
 
 
@@ -74,3 +74,8 @@ def test_command_in_bfloat16_records_dtype_and_threads(tmp_path):
         torch.set_num_threads(threads)
     data = json.loads(out.read_text())
     assert data["dtype"] == "bfloat16" and data["threads"] == 1 and data["configs"][0]["rtfx"] > 0
+
+
+def test_build_model_casts_to_the_requested_dtype():
+    m = build_model(Split("a", 2, 1), 32, 2, 64, dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
