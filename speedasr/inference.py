@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -59,7 +60,13 @@ def iterate_batches(
 ) -> Iterator[PackedBatch]:  # fmt: skip
     """Packed, unaugmented batches of ``cuts`` in order (features computed in this process)."""
     dataset = AsrDataset(tokenizer, layout="packed")
-    sampler = DynamicCutSampler(cuts, max_duration=batch_duration, max_cuts=max_cuts, shuffle=False)
+    with warnings.catch_warnings():
+        # Inference holds its cutset in memory on purpose (transcribe looks cuts up by id); the
+        # sampler's advice to read it lazily is about training-sized manifests.
+        warnings.filterwarnings("ignore", message=".*eagerly read CutSet", category=UserWarning)
+        sampler = DynamicCutSampler(
+            cuts, max_duration=batch_duration, max_cuts=max_cuts, shuffle=False
+        )
     for batch_cuts in sampler:
         yield dataset[batch_cuts].to(device)
 
