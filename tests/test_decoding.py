@@ -246,11 +246,13 @@ def test_option_conflicts_are_named():
 
 
 # --- CTC greedy decoding ------------------------------------------------------------------------
-def ctc_model():
+def ctc_model(layers: int = 1):
+    """A hybrid model (CTC head) with ``layers`` encoder and decoder blocks."""
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=VOCAB, n_mels=MELS, subsampling_channels=4, d_model=16, encoder_layers=1,
-        encoder_heads=2, decoder_layers=1, dropout=0.0, attention_backend="torch", ctc_weight=0.5,
+        vocab_size=VOCAB, n_mels=MELS, subsampling_channels=4, d_model=16, encoder_layers=layers,
+        encoder_heads=2, decoder_layers=layers, dropout=0.0, attention_backend="torch",
+        ctc_weight=0.5,
     )  # fmt: skip
     return AEDModel(cfg).eval()
 
@@ -314,21 +316,12 @@ def test_ctc_options_and_missing_head():
 
 
 # --- inference in bfloat16 (`--dtype bfloat16`) ---------------------------------------------------
-def hybrid_model():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB, n_mels=MELS, subsampling_channels=4, d_model=16, encoder_layers=2,
-        encoder_heads=2, decoder_layers=2, dropout=0.0, attention_backend="torch", ctc_weight=0.5,
-    )  # fmt: skip
-    return AEDModel(cfg).eval()
-
-
 def test_bfloat16_model_computes_in_bfloat16_and_tracks_float32():
     """A model cast to bfloat16 takes the float32 features every loader produces; its encoder
     output and cached decoder logits stay within bfloat16 rounding of the float32 model's."""
     import copy
 
-    fp = hybrid_model()
+    fp = ctc_model(layers=2)
     bf = copy.deepcopy(fp).to(torch.bfloat16)
     seg = Segments.from_lengths(FRAMES)
     x = features(3)  # float32
@@ -355,7 +348,7 @@ def test_bfloat16_model_computes_in_bfloat16_and_tracks_float32():
      DecodingOptions(ctc_weight=0.3, beam_size=2, max_len=6), DecodingOptions(method="ctc")],
 )  # fmt: skip
 def test_every_search_runs_in_bfloat16_and_batched_equals_one_by_one(options):
-    m = hybrid_model().to(torch.bfloat16)
+    m = ctc_model(layers=2).to(torch.bfloat16)
     seg = Segments.from_lengths(FRAMES)
     x = features(4)
     batch = decode(m, x, seg, PROMPTS, EOT, options)
