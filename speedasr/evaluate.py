@@ -67,16 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speedasr.checkpoint import load_model
     from speedasr.data.manifests import load_cuts, validate_cuts
     from speedasr.errors import UserError
-    from speedasr.inference import check_decoder, decoding_options, inference_dtype
+    from speedasr.inference import decoding_options, load_for_inference
 
     options = decoding_options(args)
     if args.max_utterances is not None and args.max_utterances < 1:
         raise UserError(f"--max-utterances must be >= 1, got {args.max_utterances}")
-    loaded = load_model(args.ckpt, args.device, inference_dtype(args.dtype, args.device))
-    check_decoder(loaded.model, options, args.ckpt)
+    loaded = load_for_inference(args, options)
     cuts = load_cuts(args.cuts)
     if args.max_utterances:
         cuts = cuts.subset(first=min(args.max_utterances, len(cuts)))

@@ -186,12 +186,17 @@ def _cpu_has_native_bfloat16() -> bool:
         return True
 
 
-def check_decoder(model, options: DecodingOptions, ckpt: str) -> None:
-    """``UserError`` if ``options`` ask for a part ``model`` lacks (CTC head)."""
-    if options.method == "ctc" and model.ctc_head is None:
-        raise UserError(f"{ckpt}: --decoder ctc needs a CTC head; this model has none")
-    if options.ctc_weight > 0 and model.ctc_head is None:
-        raise UserError(f"{ckpt}: --ctc-weight needs a CTC head; this model has none")
+def load_for_inference(args: argparse.Namespace, options: DecodingOptions):
+    """The checkpoint ``--ckpt`` on ``--device`` in ``--dtype`` (``LoadedModel``); ``UserError``
+    if ``options`` ask for a part the model lacks (CTC head)."""
+    from speedasr.checkpoint import load_model
+
+    loaded = load_model(args.ckpt, args.device, inference_dtype(args.dtype, args.device))
+    if options.method == "ctc" and loaded.model.ctc_head is None:
+        raise UserError(f"{args.ckpt}: --decoder ctc needs a CTC head; this model has none")
+    if options.ctc_weight > 0 and loaded.model.ctc_head is None:
+        raise UserError(f"{args.ckpt}: --ctc-weight needs a CTC head; this model has none")
+    return loaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,14 +210,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speedasr.checkpoint import load_model
     from speedasr.console import progress_bar
 
     if bool(args.audio) == bool(args.cuts):
         raise UserError("give either audio files or --cuts (not both, not neither)")
     options = decoding_options(args)
-    loaded = load_model(args.ckpt, args.device, inference_dtype(args.dtype, args.device))
-    check_decoder(loaded.model, options, args.ckpt)
+    loaded = load_for_inference(args, options)
     if args.cuts:
         from speedasr.data.manifests import load_cuts
 
