@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import warnings
@@ -150,6 +151,11 @@ class AsrDataModule(pl.LightningDataModule):
             # alive now are frozen out of the collector's reach.
             gc.collect()
             gc.freeze()
+            # ...until this process exits: frozen objects escape the final collection, and
+            # extension modules that check for leaks at exit (triton's nanobind bindings, which
+            # torch._dynamo imports with Lightning) would print ~30 lines of "leaked instances".
+            # Forked workers leave through os._exit and keep their objects frozen.
+            atexit.register(gc.unfreeze)
         # A private generator: otherwise every ``iter(loader)`` draws its worker base seed from
         # torch's global generator, which would shift dropout after a resume.
         return torch.utils.data.DataLoader(
