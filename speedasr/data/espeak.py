@@ -159,7 +159,9 @@ def trim_silence(samples: np.ndarray, sample_rate: int, margin: float) -> np.nda
 
 
 def _next_smooth(n: int) -> int:
-    """Smallest integer >= n with no prime factor above 7."""
+    """Smallest integer >= n with no prime factor above 7; n must be >= 1 (0 has every factor)."""
+    if n < 1:
+        raise ValueError(f"_next_smooth needs n >= 1, got {n}")
     while True:
         m = n
         for p in (2, 3, 5, 7):
@@ -184,6 +186,8 @@ def resample(
     """
     if from_rate == to_rate:
         return samples.astype(np.float32)
+    if len(samples) == 0:
+        return np.zeros(0, dtype=np.float32)
     g = math.gcd(from_rate, to_rate)
     up, down = to_rate // g, from_rate // g
     n_out = -(-len(samples) * up // down)
