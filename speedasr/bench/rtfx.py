@@ -17,6 +17,7 @@ reported. The FLOPs of each configuration come from ``speedasr.models.planner.in
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from speedasr.bench.paired import median_paired_ratio, run_interleaved
 from speedasr.errors import UserError
 
 DEFAULT_SPLITS = "balanced=10/10,deep=16/2"
@@ -162,14 +164,15 @@ def benchmark(
 
     prompt, eot_id = [2, 3, 4, 5], 1  # any ids: weights are untrained and end-of-text is ignored
     models = {s.name: build_model(s, d_model, heads, vocab_size, dtype=dtype) for s in splits}
-    runs: dict[tuple[str, int], list[dict]] = {(s.name, b): [] for s in splits for b in batch_sizes}
     for s in splits:  # warm-up: allocator, thread pool, first-call dispatch
         time_pass(models[s.name], Utterances(utts.features[:2], utts.seconds[:2],
                                              utts.tokens[:2]), 2, prompt, eot_id)  # fmt: skip
-    for _ in range(repeats):
-        for b in batch_sizes:
-            for s in splits:  # interleaved: machine load affects every config alike
-                runs[(s.name, b)].append(time_pass(models[s.name], utts, b, prompt, eot_id))
+    passes = {
+        (s.name, b): functools.partial(time_pass, models[s.name], utts, b, prompt, eot_id)
+        for b in batch_sizes
+        for s in splits
+    }
+    runs = run_interleaved(passes, repeats)  # machine load affects every config alike
     rows = []
     for s in splits:
         cfg = models[s.name].cfg
@@ -196,12 +199,10 @@ def benchmark(
             if reference:
                 ref = time_pass(models[s.name], utts, b, prompt, eot_id, cache=False)
                 rows[-1]["ms_per_step_no_cache"] = 1e3 * ref["decoder_s"] / ref["steps"]
-    # Speedup over the first split, median of per-repeat ratios: each repeat timed the configs
-    # back to back, so a ratio within one repeat cancels slow drifts of the machine's load.
+    # Speedup over the first split: time of the first over time of this one, paired by repeat.
     first = {r["batch_size"]: r for r in reversed(rows)}
     for r in rows:
-        pairs = zip(first[r["batch_size"]]["repeats"], r["repeats"], strict=True)
-        r["speedup_paired"] = statistics.median(a / b for a, b in pairs)
+        r["speedup_paired"] = median_paired_ratio(first[r["batch_size"]]["repeats"], r["repeats"])
     return rows
 
 

@@ -2,10 +2,13 @@
 
 Same model (same initial weights), same cuts, same memory budget; for each strategy the first
 ``--steps`` batches are collated once (feature extraction is the same work per audio second in every
-strategy, so it is left out), then timed forward + backward + AdamW step, ``--repeats`` times.
-Reported: real audio seconds per wall second (median over repetitions) and activation memory
-(bytes of tensors saved for backward, the part of peak memory that grows with the batch; on CUDA
-also the allocator's peak).
+strategy, so it is left out), then timed forward + backward + AdamW step, ``--repeats`` passes
+per strategy, interleaved across strategies (random, bucket2d, packed, random, ...) so that load
+from other jobs hits every strategy alike (``speedasr.bench.paired``). Each strategy keeps its own
+model copy and optimizer for its passes. Reported: real audio seconds per wall second (median over
+passes), speed ratios as the median of per-repeat ratios, and activation memory (bytes of tensors
+saved for backward, the part of peak memory that grows with the batch; on CUDA also the
+allocator's peak above what the other strategies hold).
 
 Strategies (budget ``S`` = ``--budget-seconds``):
   - ``random``: lhotse's shuffled ``DynamicCutSampler``, padded layout, ``B × longest ≤ S``;
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from speedasr.bench.paired import median_paired_ratio, run_interleaved
+from speedasr.data.padding import PaddingStats, batch_padding
 from speedasr.errors import UserError
 
 STRATEGIES = ("random", "bucket2d", "packed")
@@ -89,79 +94,116 @@ def activation_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-def time_strategy(model, batches: list, repeats: int, device: torch.device) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    audio = sum(b.audio_seconds for b in batches)
-    # Warm-up step (allocator, attention plan caches) outside the timed region.
-    model(batches[0]).loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    rates = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+class TrainingPass:
+    """One strategy's model, optimizer and device batches; each call times one pass over the
+    batches (forward + backward + AdamW step per batch) and returns real audio seconds per wall
+    second."""
+
+    def __init__(self, model, batches: list, device: torch.device):
+        self.model, self.batches, self.device = model, batches, device
+        self.audio_seconds = sum(b.audio_seconds for b in batches)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # Warm-up step (allocator, attention plan caches) outside the timed passes.
+        model(batches[0]).loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self) -> float:
+        self._synchronize()
         start = time.perf_counter()
-        for batch in batches:
-            model(batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(audio / (time.perf_counter() - start))
-    return rates
+        for batch in self.batches:
+            self.model(batch).loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._synchronize()
+        return self.audio_seconds / (time.perf_counter() - start)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class PreparedStrategy:
+    """A strategy's batches on the device, measured once; ``timer`` times its passes."""
+
+    batches: list
+    padding: PaddingStats
+    memory_bytes: int
+    timer: TrainingPass
+
+
+def prepare_strategy(
+    strategy: str, cuts, tokenizer, model_cfg, initial: dict, budget: float, steps: int,
+    seed: int, device: torch.device,
+) -> PreparedStrategy:  # fmt: skip
+    """Collate the strategy's first ``steps`` batches, count their padding, measure activation
+    memory, and build its model from the shared ``initial`` weights."""
+    from speedasr.models.aed import AEDModel
+
+    batches = collate_batches(cuts, tokenizer, strategy, budget, steps, seed)
+    if not batches:
+        raise UserError(f"strategy {strategy}: the cuts gave no batch at budget {budget} s")
+    # The other strategies' models and batches stay on the device for the interleaved passes:
+    # the allocator's peak counts from what they already hold.
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = [b.to(device) for b in batches]
+    model = AEDModel(model_cfg).to(device)
+    model.load_state_dict(initial)
+    model.train()
+    padding = sum(
+        (
+            batch_padding(
+                b.feature_segments.lengths, b.token_segments.lengths, packed=strategy == "packed"
+            )
+            for b in batches
+        ),
+        start=PaddingStats(),
+    )
+    memory = max(activation_bytes(model, b) for b in batches)
+    if device.type == "cuda":
+        memory = max(memory, torch.cuda.max_memory_allocated(device) - held)
+    return PreparedStrategy(batches, padding, memory, TrainingPass(model, batches, device))
 
 
 def run_benchmark(
     cuts, tokenizer, model_cfg, budget: float, steps: int, repeats: int, seed: int = 0,
     device: str = "cpu", strategies=STRATEGIES, progress=print,
 ) -> dict[str, StrategyResult]:  # fmt: skip
-    from speedasr.data.padding import PaddingStats, batch_padding
+    """Every strategy's passes, interleaved (random, bucket2d, packed, random, ...): load from
+    other jobs on the machine hits every strategy alike. Compare strategies with
+    ``median_paired_ratio`` of their ``repeats``."""
     from speedasr.models.aed import AEDModel
 
     dev = torch.device(device)
     torch.manual_seed(seed)
     initial = AEDModel(model_cfg).state_dict()
-    results = {}
-    for strategy in strategies:
-        batches = collate_batches(cuts, tokenizer, strategy, budget, steps, seed)
-        if not batches:
-            raise UserError(f"strategy {strategy}: the cuts gave no batch at budget {budget} s")
-        batches = [b.to(dev) for b in batches]
-        model = AEDModel(model_cfg).to(dev)
-        model.load_state_dict(initial)
-        model.train()
-        stats = sum(
-            (
-                batch_padding(
-                    b.feature_segments.lengths,
-                    b.token_segments.lengths,
-                    packed=strategy == "packed",
-                )
-                for b in batches
-            ),
-            start=PaddingStats(),
+    prepared = {
+        strategy: prepare_strategy(
+            strategy, cuts, tokenizer, model_cfg, initial, budget, steps, seed, dev
         )
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        memory = max(activation_bytes(model, b) for b in batches)
-        if dev.type == "cuda":
-            memory = max(memory, torch.cuda.max_memory_allocated(dev))
-        rates = time_strategy(model, batches, repeats, dev)
-        audio = sum(b.audio_seconds for b in batches)
-        per_batch_audio = max(b.audio_seconds for b in batches)
+        for strategy in strategies
+    }
+    rates = run_interleaved({name: p.timer for name, p in prepared.items()}, repeats)
+    results = {}
+    for strategy, p in prepared.items():
+        audio = p.timer.audio_seconds
         results[strategy] = StrategyResult(
-            audio_seconds_per_second=statistics.median(rates),
-            repeats=rates,
-            peak_memory_bytes=memory,
-            peak_memory_bytes_per_audio_second=memory / per_batch_audio,
-            batches=len(batches),
+            audio_seconds_per_second=statistics.median(rates[strategy]),
+            repeats=rates[strategy],
+            peak_memory_bytes=p.memory_bytes,
+            peak_memory_bytes_per_audio_second=p.memory_bytes
+            / max(b.audio_seconds for b in p.batches),
+            batches=len(p.batches),
             audio_seconds=audio,
-            utterances=sum(b.batch_size for b in batches),
-            padding=stats.fractions(),
+            utterances=sum(b.batch_size for b in p.batches),
+            padding=p.padding.fractions(),
         )
         progress(
             f"{strategy:9s} {results[strategy].audio_seconds_per_second:7.1f} audio s/s "
-            f"(runs: {', '.join(f'{r:.1f}' for r in rates)}), {len(batches)} batches, "
-            f"{audio:.0f} s audio, activations {memory / 2**20:.0f} MiB"
+            f"(runs: {', '.join(f'{r:.1f}' for r in rates[strategy])}), {len(p.batches)} "
+            f"batches, {audio:.0f} s audio, activations {p.memory_bytes / 2**20:.0f} MiB"
         )
     return results
 
@@ -207,11 +249,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device,
     )  # fmt: skip
     packed, rnd, b2d = results["packed"], results["random"], results["bucket2d"]
-    speed_random = packed.audio_seconds_per_second / rnd.audio_seconds_per_second
-    speed_2d = packed.audio_seconds_per_second / b2d.audio_seconds_per_second
+    speed_random = median_paired_ratio(packed.repeats, rnd.repeats)
+    speed_2d = median_paired_ratio(packed.repeats, b2d.repeats)
     mem_2d = packed.peak_memory_bytes_per_audio_second / b2d.peak_memory_bytes_per_audio_second
     print(
-        f"packed / random: {speed_random:.2f}x; packed / bucket2d: {speed_2d:.2f}x; "
+        f"packed / random: {speed_random:.2f}x; packed / bucket2d: {speed_2d:.2f}x "
+        f"(median of per-repeat ratios); "
         f"activation memory per audio second packed / bucket2d: {mem_2d:.2f}x"
     )
     if args.json:

@@ -1,7 +1,9 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from speedasr.bench import throughput
 from speedasr.bench.throughput import activation_bytes, collate_batches, run_benchmark
 from speedasr.cli import main
 from speedasr.data.dataset import AsrDataset
@@ -60,3 +62,37 @@ def test_run_benchmark_and_cli_json(setup, tmp_path):
     data = json.loads(out.read_text())
     for k in ("random", "bucket2d", "packed"):
         assert {"audio_seconds_per_second", "peak_memory_bytes"} <= set(data["strategies"][k])
+
+
+def test_passes_interleave_and_ratios_pair_repeats(setup, tmp_path, monkeypatch):
+    """A fake clock gives the k-th timed pass a scripted duration. Interleaved passes (random,
+    bucket2d, packed, random, ...) give strategy s in repeat i the duration of pass 3 i + s; the
+    ratios are medians of per-repeat ratios, hand-computed below."""
+    # Rate per audio second of each strategy in repeats 0, 1, 2 (duration = audio / rate).
+    per_audio_rate = {"random": [10, 40, 20], "bucket2d": [20, 25, 40], "packed": [30, 50, 60]}
+    durations = [1 / per_audio_rate[s][i] for i in range(3) for s in throughput.STRATEGIES]
+    timestamps = []
+    for k, duration in enumerate(durations):  # start, end of each pass; gaps between passes
+        timestamps += [10.0 * k, 10.0 * k + duration]
+    clock = iter(timestamps)
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+
+    root, *_ = setup
+    out = tmp_path / "tp.json"
+    args = ["bench", "throughput", "--cuts", str(root / "cuts/cuts.jsonl.gz"), "--tokenizer",
+            str(root / "tok"), "--budget-seconds", "4", "--steps", "1", "--repeats", "3",
+            "--set", "d_model=32", "encoder_layers=1", "encoder_heads=2", "decoder_layers=1",
+            "subsampling_channels=8", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert next(clock, None) is None  # exactly 9 timed passes
+    data = json.loads(out.read_text())
+    audio = {s: v["audio_seconds"] for s, v in data["strategies"].items()}
+    for s, rates in per_audio_rate.items():
+        assert data["strategies"][s]["repeats"] == pytest.approx([audio[s] * r for r in rates])
+    # packed / random per repeat: 30/10, 50/40, 60/20 = 3, 1.25, 3 -> 3 (ratio of medians: 2.5);
+    # packed / bucket2d: 30/20, 50/25, 60/40 = 1.5, 2, 1.5 -> 1.5 (ratio of medians: 2).
+    ratios = data["ratios"]
+    assert ratios["packed_over_random"] == pytest.approx(3.0 * audio["packed"] / audio["random"])
+    assert ratios["packed_over_bucket2d"] == pytest.approx(
+        1.5 * audio["packed"] / audio["bucket2d"]
+    )
