@@ -41,7 +41,10 @@ def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
     result = EvalResult([], [], [], 0.0, 0.0, 0.0)
     bar = progress_bar(total=len(cuts), desc="eval", unit="utt", disable=not progress)
     start = time.perf_counter()
-    for batch in iterate_batches(cuts, tokenizer, batch_duration, device, batch_size):
+    batches = iterate_batches(
+        cuts, tokenizer, batch_duration, device, batch_size, n_mels=model.cfg.n_mels
+    )
+    for batch in batches:
         t0 = time.perf_counter()
         result.hyps += transcribe_batch(model, tokenizer, batch, options)
         result.model_seconds += time.perf_counter() - t0

@@ -56,10 +56,11 @@ def transcribe_batch(
 
 def iterate_batches(
     cuts: CutSet, tokenizer: Tokenizer, batch_duration: float, device: torch.device | str,
-    max_cuts: int | None = None,
+    max_cuts: int | None = None, *, n_mels: int,
 ) -> Iterator[PackedBatch]:  # fmt: skip
-    """Packed, unaugmented batches of ``cuts`` in order (features computed in this process)."""
-    dataset = AsrDataset(tokenizer, layout="packed")
+    """Packed, unaugmented batches of ``cuts`` in order (features computed in this process), with
+    ``n_mels`` log-mel bins: the ``n_mels`` of the model that reads them (its checkpoint's)."""
+    dataset = AsrDataset(tokenizer, n_mels=n_mels, layout="packed")
     with warnings.catch_warnings():
         # Inference holds its cutset in memory on purpose (transcribe looks cuts up by id); the
         # sampler's advice to read it lazily is about training-sized manifests.
@@ -227,8 +228,9 @@ def run(args: argparse.Namespace) -> int:
     bar = progress_bar(total=len(cuts), desc="transcribe", unit="utt", disable=args.quiet)
     try:
         batches = iterate_batches(
-            cuts, loaded.tokenizer, args.batch_duration, args.device, args.batch_size
-        )
+            cuts, loaded.tokenizer, args.batch_duration, args.device, args.batch_size,
+            n_mels=loaded.config.n_mels,
+        )  # fmt: skip
         for batch in batches:
             texts = transcribe_batch(loaded.model, loaded.tokenizer, batch, options)
             for cut_id, text in zip(batch.cut_ids, texts, strict=True):

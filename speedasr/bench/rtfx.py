@@ -65,7 +65,7 @@ class Utterances:
     """The benchmark audio, as features, with the token count each config must emit."""
 
     features: list[torch.Tensor]
-    """``(T_i, 80)`` log-mel frames per utterance."""
+    """``(T_i, n_mels)`` log-mel frames per utterance."""
     seconds: list[float]
     tokens: list[int]
     """Emitted tokens forced per utterance (the reference length)."""
@@ -75,8 +75,11 @@ class Utterances:
         return sum(self.seconds)
 
 
-def load_utterances(cuts_path: str | None, n: int, tokenizer_dir: str | None) -> Utterances:
-    """The first ``n`` cuts of ``cuts_path`` (default: ``n`` eSpeak utterances made on the fly)."""
+def load_utterances(
+    cuts_path: str | None, n: int, tokenizer_dir: str | None, n_mels: int
+) -> Utterances:
+    """The first ``n`` cuts of ``cuts_path`` (default: ``n`` eSpeak utterances made on the fly),
+    as ``n_mels`` log-mel bins per frame (the benchmarked models' ``n_mels``)."""
     from speedasr.data.dataset import AsrDataset
 
     if cuts_path:
@@ -93,7 +96,7 @@ def load_utterances(cuts_path: str | None, n: int, tokenizer_dir: str | None) ->
         from speedasr.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(tokenizer_dir)
-    extractor = AsrDataset(tokenizer, layout="packed")  # features only: the tokenizer is not used
+    extractor = AsrDataset(tokenizer, n_mels=n_mels)  # features only: the tokenizer is not used
     feats, seconds, tokens = [], [], []
     for cut in cuts:
         text = cut.supervisions[0].text if cut.supervisions else ""
@@ -261,7 +264,10 @@ def run(args: argparse.Namespace) -> int:
     from speedasr.inference import inference_dtype
 
     dtype = inference_dtype(args.dtype, "cpu")
-    utts = load_utterances(args.cuts, args.utterances, args.tokenizer)
+    from speedasr.models.aed import ModelConfig
+
+    # build_model leaves n_mels at ModelConfig's default: the features every config reads.
+    utts = load_utterances(args.cuts, args.utterances, args.tokenizer, ModelConfig.n_mels)
     vocab = args.vocab_size
     if vocab is None:
         vocab = 256

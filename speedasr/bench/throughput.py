@@ -68,13 +68,17 @@ def sampler_config(strategy: str, budget: float, total_seconds: float):
     )  # fmt: skip
 
 
-def collate_batches(cuts, tokenizer, strategy: str, budget: float, steps: int, seed: int) -> list:
+def collate_batches(
+    cuts, tokenizer, strategy: str, budget: float, steps: int, seed: int, n_mels: int
+) -> list:
+    """The strategy's first ``steps`` batches, with ``n_mels`` log-mel bins (the model's)."""
     from speedasr.data.dataset import AsrDataset
     from speedasr.data.sampling import build_sampler
 
     total = sum(c.duration for c in cuts)
     sampler = build_sampler(cuts, sampler_config(strategy, budget, total), tokenizer, seed=seed)
-    dataset = AsrDataset(tokenizer, layout="packed" if strategy == "packed" else "padded")
+    layout = "packed" if strategy == "packed" else "padded"
+    dataset = AsrDataset(tokenizer, n_mels=n_mels, layout=layout)
     return [dataset[batch_cuts] for batch_cuts in islice(iter(sampler), steps)]
 
 
@@ -140,7 +144,7 @@ def prepare_strategy(
     memory, and build its model from the shared ``initial`` weights."""
     from speedasr.models.aed import AEDModel
 
-    batches = collate_batches(cuts, tokenizer, strategy, budget, steps, seed)
+    batches = collate_batches(cuts, tokenizer, strategy, budget, steps, seed, model_cfg.n_mels)
     if not batches:
         raise UserError(f"strategy {strategy}: the cuts gave no batch at budget {budget} s")
     # The other strategies' models and batches stay on the device for the interleaved passes:

@@ -69,10 +69,12 @@ class AsrDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, data: DataConfig, sampler: SamplerConfig, seed: int = 0, report_dir: str | None = None
-    ) -> None:
+        self, data: DataConfig, sampler: SamplerConfig, *, n_mels: int, seed: int = 0,
+        report_dir: str | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.cfg = data
+        self.n_mels = n_mels  # the trained model's input features (ModelConfig.n_mels)
         self.sampler_cfg = sampler
         self.seed = seed
         self.report_dir = Path(report_dir) if report_dir else None
@@ -127,9 +129,7 @@ class AsrDataModule(pl.LightningDataModule):
             self._check_resume(self._resume_state, world_size)
             self._train_sampler.skip(self.progress["epoch"], self.progress["batches"])
             self._resume_state = None
-        dataset = AsrDataset(
-            self.tokenizer, layout=self.cfg.layout, spec_augment=self.cfg.spec_augment
-        )
+        dataset = self.dataset(spec_augment=self.cfg.spec_augment)
         return self._loader(SeededBatches(dataset), self._train_sampler, persistent=True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
@@ -138,7 +138,14 @@ class AsrDataModule(pl.LightningDataModule):
         with warnings.catch_warnings():  # the dev set is small and read eagerly on purpose
             warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
             sampler = DynamicCutSampler(self.dev_cuts, max_duration=self.cfg.val_batch_duration)
-        return self._loader(AsrDataset(self.tokenizer, layout=self.cfg.layout), sampler)
+        return self._loader(self.dataset(), sampler)
+
+    def dataset(self, spec_augment: SpecAugmentConfig | None = None) -> AsrDataset:
+        """Cuts -> batches in this run's layout, with the model's ``n_mels`` log-mel bins
+        (training: with ``spec_augment``; validation: without)."""
+        return AsrDataset(
+            self.tokenizer, n_mels=self.n_mels, layout=self.cfg.layout, spec_augment=spec_augment
+        )
 
     def _loader(self, dataset, sampler, persistent: bool = False) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
@@ -178,7 +185,7 @@ class AsrDataModule(pl.LightningDataModule):
         report = ValidationReport(check_audio="during training")
         wanted = set(cut_ids)
         cuts = {c.id: c for c in (self.train_cuts or []) if c.id in wanted}
-        dataset = AsrDataset(self.tokenizer, layout=self.cfg.layout)
+        dataset = self.dataset()
         for cut_id in cut_ids:
             report.total += 1
             cut = cuts.get(cut_id)

@@ -24,7 +24,6 @@ from speedasr.nn.segments import Segments
 
 log = logging.getLogger(__name__)
 
-NUM_MEL_BINS = 80
 SAMPLE_RATE = 16000
 
 
@@ -67,6 +66,8 @@ class AsrDataset(torch.utils.data.Dataset):
 
     Args:
         tokenizer: gives prompt and text ids.
+        n_mels: log-mel bins per frame: the ``n_mels`` of the model config the features are for
+            (no default: the model, not the data pipeline, decides its input features).
         layout: ``"packed"`` (default, zero padding) or ``"padded"``.
         spec_augment: SpecAugment settings, or None for no augmentation (validation, inference).
     """
@@ -74,6 +75,8 @@ class AsrDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         tokenizer: Tokenizer,
+        *,
+        n_mels: int,
         layout: Literal["packed", "padded"] = "packed",
         spec_augment: SpecAugmentConfig | None = None,
     ) -> None:
@@ -81,7 +84,8 @@ class AsrDataset(torch.utils.data.Dataset):
             raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
         self.tokenizer = tokenizer
         self.layout = layout
-        self.extractor = Fbank(FbankConfig(num_mel_bins=NUM_MEL_BINS))
+        self.n_mels = n_mels
+        self.extractor = Fbank(FbankConfig(num_mel_bins=n_mels))
         self.spec_augment = None
         if spec_augment is not None and spec_augment.enabled:
             self.spec_augment = SpecAugment(
@@ -113,7 +117,7 @@ class AsrDataset(torch.utils.data.Dataset):
         feature_segments = Segments.from_lengths([x.shape[0] for x in feats])
         token_segments = Segments.from_lengths([t.shape[0] for t in tokens])
         batch = PackedBatch(
-            features=torch.cat(feats) if feats else torch.zeros(0, NUM_MEL_BINS),
+            features=torch.cat(feats) if feats else torch.zeros(0, self.n_mels),
             feature_segments=feature_segments,
             tokens=torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64),
             targets=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64),
@@ -129,7 +133,7 @@ class AsrDataset(torch.utils.data.Dataset):
         return batch
 
     def features(self, cut: Cut) -> torch.Tensor:
-        """``(T, 80)`` normalized (and, in training, augmented) log-mel frames of one cut."""
+        """``(T, n_mels)`` normalized (and, in training, augmented) log-mel frames of one cut."""
         audio = cut.load_audio()
         if cut.sampling_rate != SAMPLE_RATE:
             raise ValueError(f"expected {SAMPLE_RATE} Hz audio, got {cut.sampling_rate} Hz")

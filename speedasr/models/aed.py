@@ -38,7 +38,9 @@ class ModelConfig:
     pad_id: int = 0
     """Tokenizer pad id: padded token positions in padded batches, and the CTC blank."""
     n_mels: int = 80
-    """Input features per frame (log-mel bins)."""
+    """Input features per frame (log-mel bins). The one setting of the features: training data
+    (``AsrDataset(n_mels=...)``, via the run's data module) and inference (the checkpoint's
+    config) extract exactly this many bins."""
     subsampling_channels: int = 32
     """Channels of the 8x convolutional subsampling (Canary: 256; 16-64 on CPU)."""
     d_model: int = 144
@@ -78,6 +80,7 @@ class ModelConfig:
         dec_d, dec_h = self.dec_d_model, self.dec_heads
         checks = [
             (self.vocab_size > 0, "vocab_size must be > 0"),
+            (self.n_mels > 0, "n_mels must be > 0"),
             (0 <= self.pad_id < self.vocab_size, f"pad_id must be in [0, {self.vocab_size})"),
             (self.d_model % self.encoder_heads == 0, "d_model must be divisible by encoder_heads"),
             ((self.d_model // self.encoder_heads) % 2 == 0, "encoder head dim must be even"),
@@ -163,7 +166,7 @@ class AEDModel(nn.Module):
 
         Features are cast to the weights' dtype (a model cast to bfloat16 for inference takes the
         float32 features every loader produces; under autocast the weights stay float32)."""
-        features = features.to(self.weight_dtype)
+        features = self._model_input(features)
         enc, layout = self.encoder.forward_packed(features, feature_segments)
         return enc, layout.segments
 
@@ -171,9 +174,20 @@ class AEDModel(nn.Module):
         self, features: torch.Tensor, feature_segments: Segments
     ) -> tuple[torch.Tensor, Segments]:
         """Padded: ``features (B, T, n_mels)`` -> ``enc (B, T', D)`` (junk past each length)."""
-        features = features.to(self.weight_dtype)
+        features = self._model_input(features)
         enc, layout = self.encoder.forward_padded(features, feature_segments)
         return enc, layout.segments
+
+    def _model_input(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` in the weights' dtype, after checking their width: features of another
+        mel-bin count would otherwise fail as a matmul shape error deep in the subsampling."""
+        if features.shape[-1] != self.cfg.n_mels:
+            raise ValueError(
+                f"features have {features.shape[-1]} mel bins per frame, but this model reads "
+                f"n_mels={self.cfg.n_mels}: extract them with the model config's n_mels "
+                "(AsrDataset(tokenizer, n_mels=config.n_mels))"
+            )
+        return features.to(self.weight_dtype)
 
     # --- decoder ----------------------------------------------------------------------------------
     def decode_logits(

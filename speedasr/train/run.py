@@ -59,7 +59,6 @@ def train(cfg) -> int:
     import pytorch_lightning as pl
     import torch
 
-    from speedasr.data.datamodule import AsrDataModule
     from speedasr.train.builder import build_callbacks, build_logger, resolve_resume
     from speedasr.train.faults import FaultMonitor
     from speedasr.train.module import AsrModule
@@ -77,13 +76,7 @@ def train(cfg) -> int:
     torch.set_float32_matmul_precision("high")
     limit_heap_arenas()  # host memory stays flat across epochs (docs/benchmarks.md)
 
-    datamodule = AsrDataModule(cfg.data, cfg.sampler, seed=cfg.seed, report_dir=str(out_dir))
-    model_cfg = cfg.model
-    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
-        model_cfg = type(model_cfg)(
-            **{**model_cfg.__dict__, "vocab_size": datamodule.tokenizer.vocab_size,
-               "pad_id": datamodule.tokenizer.pad_id}
-        )  # fmt: skip
+    datamodule, model_cfg = build_data_and_model_config(cfg, out_dir)
     ckpt = resolve_resume(cfg.resume, out_dir)
     if ckpt is not None:
         check_resume_checkpoint(ckpt, model_cfg, datamodule.tokenizer)
@@ -118,6 +111,24 @@ def train(cfg) -> int:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         print(f"checkpoints: {out_dir / 'checkpoints'} (best: {best or 'n/a'})")
     return 0
+
+
+def build_data_and_model_config(cfg, report_dir: Path | None = None):
+    """The run's ``AsrDataModule`` and the ``ModelConfig`` it feeds, made to agree here: the data
+    extracts the model's ``n_mels`` log-mel bins, and the model's vocabulary is the tokenizer's."""
+    from speedasr.data.datamodule import AsrDataModule
+
+    datamodule = AsrDataModule(
+        cfg.data, cfg.sampler, n_mels=cfg.model.n_mels, seed=cfg.seed,
+        report_dir=str(report_dir) if report_dir is not None else None,
+    )  # fmt: skip
+    model_cfg = cfg.model
+    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
+        model_cfg = type(model_cfg)(
+            **{**model_cfg.__dict__, "vocab_size": datamodule.tokenizer.vocab_size,
+               "pad_id": datamodule.tokenizer.pad_id}
+        )  # fmt: skip
+    return datamodule, model_cfg
 
 
 def check_trainer_config(trainer) -> None:

@@ -25,9 +25,11 @@ def setup(tmp_path_factory):
 
 
 def test_strategies_respect_budget_and_layout(setup):
-    _, tok, cuts, _ = setup
+    _, tok, cuts, cfg = setup
     for strategy in ("random", "bucket2d", "packed"):
-        batches = collate_batches(cuts, tok, strategy, budget=4.0, steps=100, seed=0)
+        batches = collate_batches(
+            cuts, tok, strategy, budget=4.0, steps=100, seed=0, n_mels=cfg.n_mels
+        )
         assert sum(b.batch_size for b in batches) == len(cuts)
         for b in batches:
             if strategy == "packed":
@@ -41,8 +43,8 @@ def test_strategies_respect_budget_and_layout(setup):
 def test_activation_bytes_grow_with_the_batch(setup):
     _, tok, cuts, cfg = setup
     model = AEDModel(cfg)
-    small = AsrDataset(tok)[cuts.subset(first=2)]
-    large = AsrDataset(tok)[cuts]
+    small = AsrDataset(tok, n_mels=cfg.n_mels)[cuts.subset(first=2)]
+    large = AsrDataset(tok, n_mels=cfg.n_mels)[cuts]
     assert 0 < activation_bytes(model, small) < activation_bytes(model, large)
 
 

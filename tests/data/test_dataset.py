@@ -3,9 +3,11 @@ import torch
 from lhotse import CutSet
 
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
-from speedasr.data.dataset import NUM_MEL_BINS, AsrDataset, SpecAugmentConfig, decoder_sequences
+from speedasr.data.dataset import AsrDataset, SpecAugmentConfig, decoder_sequences
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.testing import make_tiny_cuts, tiny_texts
+
+N_MELS = 80
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +31,10 @@ def test_decoder_sequences_shift_and_mask(tok):
 
 
 def test_packed_batch_matches_per_cut_features(cuts, tok):
-    ds = AsrDataset(tok, layout="packed")
+    ds = AsrDataset(tok, n_mels=N_MELS, layout="packed")
     batch = ds[cuts]
     assert isinstance(batch, PackedBatch)
-    assert batch.features.shape == (batch.feature_segments.total, NUM_MEL_BINS)
+    assert batch.features.shape == (batch.feature_segments.total, N_MELS)
     assert batch.cut_ids == [c.id for c in cuts]
     for cut, x in zip(cuts, batch.feature_segments.split(batch.features), strict=False):
         alone = ds[CutSet.from_cuts([cut])].features
@@ -40,7 +42,7 @@ def test_packed_batch_matches_per_cut_features(cuts, tok):
         # ~100 frames per second (10 ms shift)
         assert abs(x.shape[0] - 100 * cut.duration) <= 2
         # normalized over the utterance's own frames
-        assert torch.allclose(x.mean(0), torch.zeros(NUM_MEL_BINS), atol=1e-4)
+        assert torch.allclose(x.mean(0), torch.zeros(N_MELS), atol=1e-4)
     assert batch.token_segments.lengths == tuple(
         len(tok.prompt()) + len(tok.encode(c.supervisions[0].text)) for c in cuts
     )
@@ -48,11 +50,11 @@ def test_packed_batch_matches_per_cut_features(cuts, tok):
 
 
 def test_padded_layout_is_the_same_content(cuts, tok):
-    packed = AsrDataset(tok, layout="packed")[cuts]
-    padded = AsrDataset(tok, layout="padded")[cuts]
+    packed = AsrDataset(tok, n_mels=N_MELS, layout="packed")[cuts]
+    padded = AsrDataset(tok, n_mels=N_MELS, layout="padded")[cuts]
     assert isinstance(padded, PaddedBatch)
     b, t_max = len(cuts), packed.feature_segments.max_seqlen
-    assert padded.features.shape == (b, t_max, NUM_MEL_BINS)
+    assert padded.features.shape == (b, t_max, N_MELS)
     again = padded.to_packed()
     assert torch.equal(again.features, packed.features)
     assert torch.equal(again.tokens, packed.tokens)
@@ -65,8 +67,10 @@ def test_padded_layout_is_the_same_content(cuts, tok):
 
 def test_spec_augment_changes_training_features_only(cuts, tok):
     torch.manual_seed(0)
-    aug = AsrDataset(tok, spec_augment=SpecAugmentConfig(num_frame_masks=2, frames_mask_size=20))
-    plain = AsrDataset(tok)
+    aug = AsrDataset(
+        tok, n_mels=N_MELS, spec_augment=SpecAugmentConfig(num_frame_masks=2, frames_mask_size=20)
+    )
+    plain = AsrDataset(tok, n_mels=N_MELS)
     a, p = aug[cuts], plain[cuts]
     assert a.feature_segments.lengths == p.feature_segments.lengths
     assert not torch.equal(a.features, p.features)
@@ -78,6 +82,6 @@ def test_broken_audio_is_skipped_and_reported(cuts, tok, tmp_path):
     path.write_bytes(b"not audio at all")
     broken = broken.with_recording_path_prefix("")  # copy
     broken.recording.sources[0].source = str(path)
-    batch = AsrDataset(tok)[CutSet.from_cuts([broken, *list(cuts)[1:]])]
+    batch = AsrDataset(tok, n_mels=N_MELS)[CutSet.from_cuts([broken, *list(cuts)[1:]])]
     assert batch.skipped_cut_ids == (broken.id,)
     assert batch.cut_ids == [c.id for c in list(cuts)[1:]]

@@ -57,7 +57,7 @@ def test_training_batches_from_shar_equal_those_from_jsonl(exported):
     def epoch(path):
         data = DataConfig(train_cuts=str(path), tokenizer=str(exported / "tok"), num_workers=0)
         sampler = SamplerConfig(max_duration=6.0, num_buckets=2, num_token_buckets=1)
-        dm = AsrDataModule(data, sampler, seed=1)
+        dm = AsrDataModule(data, sampler, n_mels=80, seed=1)
         dm.setup("fit")
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(1)

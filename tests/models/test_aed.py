@@ -185,6 +185,17 @@ def test_config_round_trip_and_validation():
         config(ctc_weight=1.5)
     with pytest.raises(ValueError, match="pad_id"):
         config(pad_id=VOCAB)
+    with pytest.raises(ValueError, match="n_mels"):
+        config(n_mels=0)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_features_of_another_width_are_a_named_error(layout):
+    # The batch has 16 mel bins per frame; a model built for 24 must say so, not fail as a matmul.
+    batch = make_batch(FRAMES, TEXTS, PROMPTS)
+    batch = batch if layout == "packed" else batch.to_padded(0)
+    with pytest.raises(ValueError, match="features have 16 mel bins .* n_mels=24"):
+        model(n_mels=24)(batch)
 
 
 def test_decoder_width_differs_from_encoder():

@@ -22,8 +22,9 @@ def test_training_steps_lower_the_loss(tmp_path):
     torch.manual_seed(0)
     tok = Tokenizer.train(tiny_texts(200, seed=1), tmp_path / "tok", vocab_size=100)
     cuts = make_tiny_cuts(tmp_path / "cuts", n=4, seed=0, durations=(0.5, 1.0))
-    batch = AsrDataset(tok)[cuts]
-    module = AsrModule.build(tiny_model_config(tok), OptimConfig(lr=3e-3), tok)
+    config = tiny_model_config(tok)
+    batch = AsrDataset(tok, n_mels=config.n_mels)[cuts]
+    module = AsrModule.build(config, OptimConfig(lr=3e-3), tok)
     opt = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
@@ -52,8 +53,8 @@ def test_flops_per_batch_counts_real_content(tmp_path):
     from speedasr.models.sizing import count_flops
 
     tok = Tokenizer.train(tiny_texts(200, seed=1), tmp_path / "tok", vocab_size=100)
-    batch = AsrDataset(tok)[make_tiny_cuts(tmp_path / "c", n=3, seed=1)]
     cfg = tiny_model_config(tok)
+    batch = AsrDataset(tok, n_mels=cfg.n_mels)[make_tiny_cuts(tmp_path / "c", n=3, seed=1)]
     module = AsrModule.build(cfg, OptimConfig(), tok)
     expected = sum(
         count_flops(cfg, t, n).training
