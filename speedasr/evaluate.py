@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from speedasr.data.manifests import Reject, format_reason_counts, reason_counts
+from speedasr.errors import UserError
 from speedasr.inference import add_decoding_arguments
 from speedasr.metrics import normalize_text, word_error_rate
 
@@ -26,6 +28,8 @@ class EvalResult:
     """Features + model, end to end."""
     model_seconds: float
     """Encoder + decoding only."""
+    skipped: list[Reject] = field(default_factory=list)
+    """Cuts left out because their audio failed to load, with the reason (in cut order)."""
 
     def wer(self, lowercase: bool = True, strip_punctuation: bool = True) -> float:
         return word_error_rate(self.refs, self.hyps, lowercase, strip_punctuation)
@@ -36,7 +40,7 @@ def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
              progress: bool = False) -> EvalResult:  # fmt: skip
     """Transcribe ``cuts`` (with reference texts) in order; the numbers ``speedasr eval`` prints."""
     from speedasr.console import progress_bar
-    from speedasr.inference import iterate_batches, transcribe_batch
+    from speedasr.inference import iterate_batches, skipped_cuts, transcribe_batch
 
     result = EvalResult([], [], [], 0.0, 0.0, 0.0)
     bar = progress_bar(total=len(cuts), desc="eval", unit="utt", disable=not progress)
@@ -45,6 +49,10 @@ def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
         cuts, tokenizer, batch_duration, device, batch_size, n_mels=model.cfg.n_mels
     )
     for batch in batches:
+        result.skipped += skipped_cuts(batch)
+        bar.update(len(batch.skipped_cut_ids))
+        if batch.batch_size == 0:  # every cut of this batch failed to load
+            continue
         t0 = time.perf_counter()
         result.hyps += transcribe_batch(model, tokenizer, batch, options)
         result.model_seconds += time.perf_counter() - t0
@@ -55,6 +63,17 @@ def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
     result.wall_seconds = time.perf_counter() - start
     bar.close()
     return result
+
+
+def report_skipped(skipped: list[Reject], total: int, max_listed: int = 20) -> None:
+    """Print the skipped cuts: counts by reason, then one line per cut (the first `max_listed`)."""
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} of {total} cuts ({format_reason_counts(skipped)}):")
+    for r in skipped[:max_listed]:
+        print(f"  {r.cut_id}: {r.reason}: {r.detail}")
+    if len(skipped) > max_listed:
+        print(f"  ... and {len(skipped) - max_listed} more (all of them in --json)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from speedasr.data.manifests import load_cuts, validate_cuts
-    from speedasr.errors import UserError
     from speedasr.inference import decoding_options, load_for_inference
 
     options = decoding_options(args)
@@ -81,15 +99,21 @@ def run(args: argparse.Namespace) -> int:
     cuts = load_cuts(args.cuts)
     if args.max_utterances:
         cuts = cuts.subset(first=min(args.max_utterances, len(cuts)))
+    total = len(cuts)
     cuts, report = validate_cuts(cuts, check_audio="header")
-    if report.rejected:
-        print(f"data: {report.summary()}")
-    if len(cuts) == 0:
-        raise UserError(f"no usable cuts in '{args.cuts}'")
-    result = evaluate(
-        loaded.model, loaded.tokenizer, cuts, options, args.batch_duration, args.batch_size,
-        args.device, progress=not args.quiet,
-    )  # fmt: skip
+    result = EvalResult([], [], [], 0.0, 0.0, 0.0)
+    if len(cuts):
+        result = evaluate(
+            loaded.model, loaded.tokenizer, cuts, options, args.batch_duration, args.batch_size,
+            args.device, progress=not args.quiet,
+        )  # fmt: skip
+    skipped = report.rejects + result.skipped
+    report_skipped(skipped, total)
+    if not result.refs:  # a WER over no utterance would be a number about nothing
+        raise UserError(
+            f"no utterance of '{args.cuts}' could be evaluated: all {total} cuts were skipped "
+            f"({format_reason_counts(skipped)})"
+        )
     norm = dict(lowercase=not args.keep_case, strip_punctuation=not args.keep_punctuation)
     wer = result.wer(**norm)
     if args.out:
@@ -107,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         search += f" joint with CTC (weight {options.ctc_weight:g})"
     print(
         f"WER {100 * wer:.2f}% on {len(result.refs)} utterances "
-        f"({result.audio_seconds / 60:.1f} min of audio); RTFx {rtfx:.1f} end to end "
+        f"({result.audio_seconds / 60:.1f} min of audio"
+        + (f"; {len(skipped)} of {total} cuts skipped, listed above" if skipped else "")
+        + f"); RTFx {rtfx:.1f} end to end "
         f"({result.wall_seconds:.1f} s wall), {model_rtfx:.1f} model only; {search}, "
         f"device {args.device}, {args.dtype}, step {loaded.step}"
     )
@@ -117,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             "wall_seconds": result.wall_seconds, "model_seconds": result.model_seconds,
             "rtfx": rtfx, "model_rtfx": model_rtfx, "beam_size": options.beam_size,
             "decoder": options.method, "ctc_weight": options.ctc_weight, "step": loaded.step,
-            "dtype": args.dtype,
+            "dtype": args.dtype, "cuts": total, "skipped_counts": reason_counts(skipped),
+            "skipped": [r.to_dict() for r in skipped],
         }  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

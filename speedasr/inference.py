@@ -19,7 +19,8 @@ from lhotse import CutSet, Recording
 from lhotse.dataset import DynamicCutSampler
 
 from speedasr.data.batch import PackedBatch, PaddedBatch
-from speedasr.data.dataset import SAMPLE_RATE, AsrDataset
+from speedasr.data.dataset import AsrDataset
+from speedasr.data.manifests import Reject, format_reason_counts, one_line
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.decoding import DecodingOptions, decode_encoded
 from speedasr.errors import UserError
@@ -73,7 +74,10 @@ def iterate_batches(
 
 
 def cuts_from_audio(paths: Iterable[str], language: str = "en") -> CutSet:
-    """One cut per audio file (resampled to 16 kHz on the fly). ``UserError`` if unreadable."""
+    """One cut per audio file, its id the path as given (two files of one name in different
+    folders stay apart), at the file's own rate and channels: the dataset resamples to 16 kHz and
+    averages the channels (``speedasr.data.dataset.load_model_audio``). ``UserError`` if a file
+    does not exist or its header cannot be read."""
     from lhotse import SupervisionSegment
 
     cuts = []
@@ -81,16 +85,13 @@ def cuts_from_audio(paths: Iterable[str], language: str = "en") -> CutSet:
         if not Path(p).is_file():
             raise UserError(f"audio file '{p}' does not exist")
         try:
-            rec = Recording.from_file(p)
+            rec = Recording.from_file(p, recording_id=str(p))
         except Exception as e:
-            raise UserError(f"audio file '{p}' could not be read ({e})") from None
-        if rec.num_channels != 1:
-            raise UserError(f"audio file '{p}' has {rec.num_channels} channels; expected mono")
+            raise UserError(f"audio file '{p}' could not be read ({one_line(e)})") from None
         cut = rec.to_cut()
-        cut = cut.resample(SAMPLE_RATE) if rec.sampling_rate != SAMPLE_RATE else cut
         cut.supervisions = [
             SupervisionSegment(cut.id, cut.recording_id, 0.0, cut.duration, text="",
-                               language=language)
+                               channel=cut.channel, language=language)
         ]  # fmt: skip
         cuts.append(cut)
     return CutSet.from_cuts(cuts)
@@ -210,20 +211,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(parser)
 
 
+def skipped_cuts(batch: PackedBatch | PaddedBatch) -> list[Reject]:
+    """The cuts the dataset left out of ``batch`` (audio failed to load), with their reasons."""
+    reasons = batch.skipped_reasons
+    return [
+        Reject(cut_id, reason, detail)
+        for cut_id, (reason, detail) in zip(batch.skipped_cut_ids, reasons, strict=True)
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
+    """Transcribe; exit 0 only if every input was transcribed. Each one that was not (its audio
+    cannot be loaded, a duplicate id, a command source...) gets a line on stderr with its reason,
+    and the run ends with a count of them and exit code 1."""
     from speedasr.console import progress_bar
+    from speedasr.data.manifests import load_cuts, validate_cuts
 
     if bool(args.audio) == bool(args.cuts):
         raise UserError("give either audio files or --cuts (not both, not neither)")
     options = decoding_options(args)
     loaded = load_for_inference(args, options)
     if args.cuts:
-        from speedasr.data.manifests import load_cuts
-
         cuts = load_cuts(args.cuts)
     else:
         loaded.tokenizer.prompt(args.language)  # validates the language before any work
         cuts = cuts_from_audio(args.audio, args.language)
+    total = len(cuts)
+    # The same checks as eval (no transcript needed): duplicate ids, command sources (never run),
+    # zero durations, missing or unreadable files.
+    cuts, report = validate_cuts(cuts, check_audio="header", require_text=False)
+    failed = list(report.rejects)
+    for r in failed:
+        print(_failure_line(r), file=sys.stderr)
     out = open(args.out, "w") if args.out else None
     bar = progress_bar(total=len(cuts), desc="transcribe", unit="utt", disable=args.quiet)
     try:
@@ -232,6 +251,12 @@ def run(args: argparse.Namespace) -> int:
             n_mels=loaded.config.n_mels,
         )  # fmt: skip
         for batch in batches:
+            for r in skipped_cuts(batch):
+                bar.write(_failure_line(r), file=sys.stderr)
+                failed.append(r)
+            bar.update(len(batch.skipped_cut_ids))
+            if batch.batch_size == 0:  # every cut of this batch failed to load
+                continue
             texts = transcribe_batch(loaded.model, loaded.tokenizer, batch, options)
             for cut_id, text in zip(batch.cut_ids, texts, strict=True):
                 cut = cuts[cut_id]
@@ -244,4 +269,15 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         if out:
             out.close()
+    if failed:
+        print(
+            f"speedasr transcribe: transcribed {total - len(failed)} of {total} inputs; not "
+            f"transcribed: {format_reason_counts(failed)}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _failure_line(r: Reject) -> str:
+    return f"speedasr transcribe: {r.cut_id}: not transcribed: {r.reason} ({r.detail})"

@@ -156,3 +156,117 @@ def make_metadata_cuts(
         text = " ".join(words[:target_words])
         cuts.append(metadata_only_cut(f"meta-{seed}-{i:05d}", round(duration, 3), text, language))
     return CutSet.from_cuts(cuts)
+
+
+# Sampling rates, channel counts and formats of the good cuts of `make_bad_input_cuts` that are
+# not 16 kHz mono: every command must resample / downmix them, never drop them.
+OTHER_RATE_AUDIO = ((8000, 1, "wav"), (22050, 2, "flac"), (48000, 2, "ogg"))
+LONG_CUT_SECONDS = 3.0
+"""Duration of the over-long cut of `make_bad_input_cuts`: rejected when max_duration < 3 s."""
+
+
+def make_bad_input_cuts(out_dir: str | Path, n_good: int = 4, seed: int = 0):
+    """A corpus holding one cut of each bad-input class after good ones, written to
+    ``out_dir/cuts.jsonl.gz`` (audio under ``out_dir/audio/``). Returns ``(cuts, expected)``.
+
+    Good: `n_good` 16 kHz mono tone cuts (0.5-1.5 s) and one cut per `OTHER_RATE_AUDIO` entry
+    (8 kHz WAV, 22.05 kHz stereo FLAC, 48 kHz stereo OGG), all with texts. Bad, with the reason
+    ``validate_cuts(check_audio="full", max_duration=2.0)`` gives each (``expected``: cut id ->
+    reason): missing file, corrupt file, zero-length file, empty text, NaN samples, over-long
+    (`LONG_CUT_SECONDS`), sampling rate mismatch (8 kHz file, manifest 16 kHz), duplicate id,
+    and a ``command`` source (a shell command that would create ``out_dir/EXECUTED``).
+    """
+    import soundfile as sf
+    from lhotse import CutSet
+
+    out_dir = Path(out_dir)
+    audio_dir = out_dir / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    texts = iter(tiny_texts(n_good + len(OTHER_RATE_AUDIO) + 8, seed))
+
+    def write(name: str, audio: np.ndarray, sampling_rate: int, **kwargs) -> Path:
+        path = audio_dir / name
+        sf.write(path, audio, sampling_rate, **kwargs)
+        return path
+
+    def tone(seconds: float, sampling_rate: int, channels: int = 1) -> np.ndarray:
+        mono = _tone_audio(rng, seconds, sampling_rate)
+        return mono if channels == 1 else np.stack([mono, 0.5 * mono], axis=1)
+
+    good = [
+        _file_cut(f"good-{i}", write(f"good-{i}.wav", tone(rng.uniform(0.5, 1.5), 16000), 16000),
+                  next(texts))
+        for i in range(n_good)
+    ]  # fmt: skip
+    for rate, channels, fmt in OTHER_RATE_AUDIO:
+        path = write(f"rate{rate}.{fmt}", tone(1.0, rate, channels), rate)
+        good.append(_file_cut(f"rate{rate}-{channels}ch", path, next(texts)))
+    bad = {
+        "missing_audio": _file_cut("missing", audio_dir / "nope.wav", next(texts), 16000, 16000),
+        "corrupt_audio": _corrupt_cut(audio_dir / "corrupt.flac", next(texts)),
+        "bad_duration": _file_cut(
+            "zero-length", write("zero.wav", np.zeros(0, np.float32), 16000), next(texts)
+        ),
+        "empty_text": _file_cut("empty-text", write("empty.wav", tone(1.0, 16000), 16000), " "),
+        "too_long": _file_cut(
+            "long", write("long.wav", tone(LONG_CUT_SECONDS, 16000), 16000), next(texts)
+        ),
+        "header_mismatch": _file_cut(
+            "rate-mismatch", write("rate8k.wav", tone(1.0, 8000), 8000), next(texts), 16000, 16000
+        ),
+        "non_finite_samples": _file_cut(
+            "nan",
+            write("nan.wav", _with_nan(tone(1.0, 16000)), 16000, subtype="FLOAT"),
+            next(texts),
+        ),  # fmt: skip
+        "duplicate_id": good[0],
+        "command_source": _file_cut(
+            "command",
+            f"touch {out_dir / 'EXECUTED'}; cat {good[0].recording.sources[0].source}",
+            next(texts),
+            16000,
+            good[0].recording.num_samples,
+            source_type="command",
+        ),  # fmt: skip
+    }
+    cuts = CutSet.from_cuts(good + list(bad.values()))
+    cuts.to_file(out_dir / "cuts.jsonl.gz")
+    return cuts, {cut.id: reason for reason, cut in bad.items()}
+
+
+def _file_cut(
+    cut_id: str, path: str | Path, text: str, sampling_rate: int | None = None,
+    num_samples: int | None = None, source_type: str = "file",
+):  # fmt: skip
+    """A cut over all of `path` with one English supervision. With `sampling_rate` and
+    `num_samples` the recording is described by them instead of the file's header (a manifest
+    that disagrees with its file, a file that does not exist, a command source)."""
+    from lhotse import AudioSource, Recording, SupervisionSegment
+
+    if sampling_rate is None:
+        recording = Recording.from_file(path, recording_id=cut_id)
+    else:
+        source = AudioSource(type=source_type, channels=[0], source=str(path))
+        recording = Recording(
+            id=cut_id, sources=[source], sampling_rate=sampling_rate, num_samples=num_samples,
+            duration=num_samples / sampling_rate,
+        )  # fmt: skip
+    cut = recording.to_cut()
+    cut.supervisions = [
+        SupervisionSegment(id=cut_id, recording_id=cut_id, start=0.0, duration=cut.duration,
+                           channel=cut.channel, text=text, language="en")
+    ]  # fmt: skip
+    return cut
+
+
+def _corrupt_cut(path: Path, text: str):
+    """A cut over a FLAC file whose bytes after the magic number are garbage."""
+    path.write_bytes(b"fLaC" + bytes(range(256)) * 4)
+    return _file_cut("corrupt", path, text, 16000, 16000)
+
+
+def _with_nan(audio: np.ndarray) -> np.ndarray:
+    audio = audio.copy()
+    audio[len(audio) // 2] = np.nan
+    return audio

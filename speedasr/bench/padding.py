@@ -12,7 +12,16 @@ sampled and measured:
 Reported per strategy: padding fractions of frames, tokens and attention scores
 (``speedasr.data.padding``), batches per epoch, mean utterances and real seconds per batch, sampler
 speed (cuts/s over the sampling loop only; token counts are computed once beforehand, as the
-sampler's cache holds them in training) and rejected cuts by reason. Audio is never read.
+sampler's cache holds them in training) and rejected cuts by reason.
+
+Every cut is either batched or counted with a reason (per strategy, ``cuts_seen + cuts_rejected``
+is the corpus size): first the checks training runs before sampling
+(``speedasr.data.manifests.validate_cuts``: duplicate ids, command sources, zero durations, cuts
+past their recording's end, missing or empty transcripts), then the sampler's own (e.g. TPS
+outliers). By default (``--check-audio none``) audio files are never opened, so that metadata-only
+corpora (real-lengths TSVs, ``--synthetic-hours``) can be measured: a missing or corrupt file is
+not seen then. ``--check-audio header`` / ``full`` adds the file checks of ``speedasr data
+validate`` (missing, unreadable, header disagreeing with the manifest, NaN samples).
 
 Token counts use ``--tokenizer`` (exactly the collator's prompt + text), else an estimate from
 characters (``speedasr.data.bucketing.estimate_text_tokens``).
@@ -34,6 +43,7 @@ from lhotse import CutSet
 
 from speedasr.data.bucketing import BucketBins, TokenCounter, estimate_bins, measure_cuts
 from speedasr.data.importers import import_tsv, metadata_only_cut
+from speedasr.data.manifests import ValidationReport, validate_cuts
 from speedasr.data.padding import PaddingStats, batch_padding, num_input_frames
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
@@ -178,14 +188,20 @@ def benchmark(
     num_buckets_1d: int | None = None,
     repeats: int = 1,
     strict: bool = True,
+    check_audio: str = "none",
 ) -> dict[str, Any]:
-    """Run the four strategies on ``cuts`` at ``budget`` seconds; the JSON-ready result."""
+    """Run the four strategies on ``cuts`` at ``budget`` seconds; the JSON-ready result.
+    check_audio: the audio checks of the validation that comes first (module docstring)."""
     if not budget > 0:
         raise UserError(f"--budget-seconds must be > 0, got {budget}")
+    total = len(cuts)
+    cuts, validation = validate_cuts(cuts, check_audio=check_audio)
     counter = TokenCounter(tokenizer, cache_size=None)
     lengths, skipped = measure_cuts(cuts, counter)  # also fills the token cache
     if not lengths:
-        raise UserError(f"no usable cut (skipped: {skipped or 'none'})")
+        raise UserError(
+            f"no usable cut: {validation.summary()} Skipped when measured: {skipped or 'none'}"
+        )
     dur = np.array([d for d, _ in lengths])
     auto_d, auto_k = auto_buckets(float(dur.sum()), budget)
     n_d, n_k = num_buckets or auto_d, num_token_buckets or auto_k
@@ -201,11 +217,13 @@ def benchmark(
         warnings.simplefilter("ignore")  # lhotse warns about eager cutsets and tiny budgets
         for mode in STRATEGIES:
             cfg = replace(base, mode=mode)
-            result["strategies"][mode] = run_strategy(cuts, cfg, counter, bins, repeats)
+            stats = run_strategy(cuts, cfg, counter, bins, repeats)
+            result["strategies"][mode] = with_validation_rejects(stats, validation)
     tok = np.array([t for _, t in lengths])
     result["corpus"] = {
-        "cuts": len(cuts),
+        "cuts": total,
         "usable_cuts": len(lengths),
+        "validation": validation.to_dict(),
         "hours": float(dur.sum() / 3600),
         "duration_p50_p95_max": [
             float(np.percentile(dur, 50)),
@@ -229,6 +247,24 @@ def benchmark(
         "tps_outliers_in_estimate": bins.meta["tps_outliers"],
     }
     return result
+
+
+def with_validation_rejects(stats: dict[str, Any], validation: ValidationReport) -> dict[str, Any]:
+    """A strategy's ``stats`` with the cuts validation rejected before sampling added to its
+    rejected cuts (counts by reason and example ids), so that every cut is accounted for."""
+    rejected = stats["rejected"]
+    counts, examples = dict(rejected["counts"]), dict(rejected["examples"])
+    for r in validation.rejects:
+        counts[r.reason] = counts.get(r.reason, 0) + 1
+        listed = examples.setdefault(r.reason, [])
+        if len(listed) < 10:
+            listed.append(r.cut_id)
+    total = rejected["total"] + validation.rejected
+    return {
+        **stats,
+        "cuts_rejected": total,
+        "rejected": {"total": total, "counts": counts, "examples": examples},
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -281,6 +317,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="epochs timed per strategy (best)")
     parser.add_argument("--lenient", action="store_true", help="2D lenient mode (no TPS rejects)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --synthetic-hours")
+    parser.add_argument(
+        "--check-audio",
+        choices=("none", "header", "full"),
+        default="none",
+        help="none (default): metadata checks only, audio files are never opened; header/full: "
+        "also count missing, unreadable or NaN audio as `speedasr data validate` does",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
         args.num_buckets_1d,
         args.repeats,
         strict=not args.lenient,
+        check_audio=args.check_audio,
     )
     result["corpus"]["source"] = args.cuts or f"synthetic {args.synthetic_hours} h seed {args.seed}"
     result["corpus"].update(imported)
@@ -318,6 +362,13 @@ def run(args: argparse.Namespace) -> int:
         f"{s['buckets_2d'][2]} ({s['buckets_2d'][0]} x <= {s['buckets_2d'][1]}), 1D buckets "
         f"{s['buckets_1d']}"
     )
+    validation = result["corpus"]["validation"]
+    if validation["rejected"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in validation["counts"].items())
+        print(
+            f"rejected before sampling (audio check: {validation['check_audio']}): "
+            f"{validation['rejected']} of {validation['total']} cuts ({reasons})"
+        )
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

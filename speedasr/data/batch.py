@@ -32,6 +32,7 @@ class _BatchBase:
     durations: tuple[float, ...] = ()
     texts: list[str] = field(default_factory=list)
     skipped_cut_ids: tuple[str, ...] = ()
+    skipped_reasons: tuple[tuple[str, str], ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -69,6 +70,8 @@ class PackedBatch(_BatchBase):
         texts: reference transcripts (as in the supervision), for WER.
         skipped_cut_ids: cuts the sampler put in this batch whose audio failed to load; they are
             left out of the batch and reported (counted by the training loop), never lost silently.
+        skipped_reasons: ``(reason, detail)`` of each skipped cut, in ``skipped_cut_ids`` order;
+            reason is one of ``speedasr.data.manifests.REASONS``.
     """
 
     def to_padded(self, pad_id: int) -> PaddedBatch:

@@ -16,7 +16,7 @@ from lhotse import CutSet
 from lhotse.dataset import DynamicCutSampler
 
 from speedasr.data.batch import PackedBatch, PaddedBatch
-from speedasr.data.dataset import AsrDataset, SpecAugmentConfig
+from speedasr.data.dataset import AsrDataset, AudioLoadError, SpecAugmentConfig
 from speedasr.data.manifests import ValidationReport, load_cuts, validate_cuts
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
@@ -99,9 +99,15 @@ class AsrDataModule(pl.LightningDataModule):
         """Validated cuts of a ``.jsonl.gz`` manifest (eager) or a Shar directory (lazy)."""
         from speedasr.data.shar import is_shar_dir, load_validated_shar
 
+        check_audio = self.cfg.check_audio
+        if name == "dev" and check_audio == "header":
+            # Dev sets are small: load every cut now, so that one that cannot be loaded is a
+            # reported reject, not a cut silently missing from val/wer (or, if none loads, no
+            # val/wer at all for checkpointing to monitor).
+            check_audio = "full"
         checks = dict(
             max_duration=self.cfg.max_duration,
-            check_audio=self.cfg.check_audio,
+            check_audio=check_audio,
             allow_command_sources=self.cfg.allow_command_sources,
         )
         shar = is_shar_dir(path)
@@ -110,10 +116,14 @@ class AsrDataModule(pl.LightningDataModule):
         else:
             accepted, report = validate_cuts(load_cuts(path), **checks)
         self.reports[name] = report
+        where = ""
         if self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)
             report.write(self.report_dir / f"rejects_{name}.jsonl")
+            where = f" Rejects: {self.report_dir / f'rejects_{name}.jsonl'}"
         log.info("%s cuts: %s", name, report.summary())
+        if not report.accepted:
+            raise UserError(f"no usable {name} cuts in '{path}': {report.summary()}{where}")
         return accepted if shar else accepted.to_eager()
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -195,7 +205,8 @@ class AsrDataModule(pl.LightningDataModule):
             try:
                 dataset.features(cut)
             except Exception as e:
-                report.add_reject(cut_id, *_load_failure_reason(e))
+                failure = e if isinstance(e, AudioLoadError) else AudioLoadError.from_exception(e)
+                report.add_reject(cut_id, failure.reason, failure.detail)
             else:  # a transient failure (e.g. network storage): loads fine now
                 report.add_reject(cut_id, "corrupt_audio", "failed to load during training only")
         return report
@@ -247,19 +258,6 @@ class AsrDataModule(pl.LightningDataModule):
                 + "; ".join(problems)
                 + "). Restore them, or resume from a checkpoint saved at the end of an epoch."
             )
-
-
-def _load_failure_reason(e: Exception) -> tuple[str, str]:
-    """A ``manifests.REASONS`` reason and a detail for an audio loading exception."""
-    detail = f"{type(e).__name__}: {e}"[:300]
-    text = str(e).lower()
-    if isinstance(e, FileNotFoundError) or "no such file" in text or "not exist" in text:
-        return "missing_audio", detail
-    if "nan" in text or "inf " in text or "non-finite" in text:
-        return "non_finite_samples", detail
-    if "hz" in text or "sampling rate" in text or "num_samples" in text or "mismatch" in text:
-        return "header_mismatch", detail
-    return "corrupt_audio", detail
 
 
 def sampler_fingerprint(cfg: SamplerConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from lhotse.dataset import SpecAugment
 from lhotse.features import Fbank, FbankConfig
 
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.data.manifests import cut_recordings, one_line
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.nn.segments import Segments
 
@@ -104,8 +106,9 @@ class AsrDataset(torch.utils.data.Dataset):
             try:
                 x = self.features(cut)
             except Exception as e:  # a broken file must not kill a long training run
-                log.warning("skipping cut %s: audio failed to load (%s)", cut.id, e)
-                skipped.append(cut.id)
+                failure = e if isinstance(e, AudioLoadError) else AudioLoadError.from_exception(e)
+                log.warning("skipping cut %s: %s (%s)", cut.id, failure.reason, failure.detail)
+                skipped.append((cut.id, failure.reason, failure.detail))
                 continue
             sup = cut.supervisions[0]
             inp, tgt = decoder_sequences(self.tokenizer, sup.text, sup.language or "en")
@@ -126,7 +129,8 @@ class AsrDataset(torch.utils.data.Dataset):
             cut_ids=[c.id for c in kept],
             durations=tuple(c.duration for c in kept),
             texts=[c.supervisions[0].text for c in kept],
-            skipped_cut_ids=tuple(skipped),
+            skipped_cut_ids=tuple(cut_id for cut_id, _, _ in skipped),
+            skipped_reasons=tuple((reason, detail) for _, reason, detail in skipped),
         )
         if self.layout == "padded":
             return batch.to_padded(self.tokenizer.pad_id)
@@ -134,14 +138,57 @@ class AsrDataset(torch.utils.data.Dataset):
 
     def features(self, cut: Cut) -> torch.Tensor:
         """``(T, n_mels)`` normalized (and, in training, augmented) log-mel frames of one cut."""
-        audio = cut.load_audio()
-        if cut.sampling_rate != SAMPLE_RATE:
-            raise ValueError(f"expected {SAMPLE_RATE} Hz audio, got {cut.sampling_rate} Hz")
-        if not np.isfinite(audio).all():
-            raise ValueError("audio has NaN/inf samples")
+        audio = load_model_audio(cut)
         x = torch.from_numpy(self.extractor.extract(audio, SAMPLE_RATE))
         # Per-utterance mean/variance normalization: statistics over this utterance's frames only.
         x = (x - x.mean(0)) / (x.std(0, unbiased=False) + 1e-5)
         if self.spec_augment is not None:
             x = self.spec_augment(x[None])[0]
         return x
+
+
+# --- audio loading: any sampling rate, any channel count -> the model's 16 kHz mono ------------
+
+
+class AudioLoadError(Exception):
+    """A cut's audio cannot be turned into model input. ``reason`` is one of
+    ``speedasr.data.manifests.REASONS`` (``missing_audio``, ``corrupt_audio``,
+    ``non_finite_samples``), ``detail`` one line for humans."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+    @classmethod
+    def from_exception(cls, e: Exception, reason: str = "corrupt_audio") -> AudioLoadError:
+        return cls(reason, one_line(e))
+
+
+def load_model_audio(cut: Cut, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``(1, samples)`` float32 audio of ``cut`` as the model hears it: at ``sampling_rate`` Hz
+    and mono, whatever the file's rate and channels.
+
+    Resampling is lhotse's (``cut.resample``: its ``Resample`` transform, which runs scipy's
+    polyphase filter ``scipy.signal.resample_poly`` when torchaudio is not installed). Several
+    channels are downmixed to their mean (the average of the channels, not their sum, so the
+    level stays that of one channel). Raises ``AudioLoadError``: ``missing_audio`` (a file source
+    that does not exist), ``corrupt_audio`` (any decoding or resampling failure),
+    ``non_finite_samples`` (NaN/inf in the decoded samples).
+    """
+    for recording in cut_recordings(cut):
+        for source in recording.sources:
+            if source.type == "file" and not Path(source.source).is_file():
+                raise AudioLoadError("missing_audio", f"no file '{source.source}'")
+    if cut.sampling_rate != sampling_rate:
+        cut = cut.resample(sampling_rate)
+    try:
+        audio = cut.load_audio()
+    except Exception as e:  # lhotse wraps every backend's failure in its own error
+        raise AudioLoadError.from_exception(e) from None
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1, audio.shape[-1])
+    if audio.shape[0] > 1:
+        audio = audio.mean(axis=0, keepdims=True)
+    bad = int(audio.size - np.isfinite(audio).sum())
+    if bad:
+        raise AudioLoadError("non_finite_samples", f"{bad} NaN/inf samples")
+    return audio

@@ -10,9 +10,14 @@ report. Checks, cheapest first:
   and its header read with soundfile (lhotse's backends as a fallback for other formats): missing
   file, unreadable file, and sampling rate / length / channels disagreeing with the manifest.
   Reads a few KB per file, cached per file, so long recordings cut into segments are opened once;
-* ``check_audio="full"``: additionally decodes each cut's samples (cost: reading all the audio)
-  and rejects decode failures and NaN/inf samples;
+* ``check_audio="full"``: additionally loads each cut's samples as the model hears them (16 kHz
+  mono, through ``speedasr.data.dataset.load_model_audio``: cost, reading and resampling all the
+  audio) and rejects what cannot be loaded that way and NaN/inf samples;
 * ``check_audio=False`` (``"none"``): metadata only, audio is never touched.
+
+Audio at another sampling rate or with several channels is not rejected: every command resamples
+it to 16 kHz and averages its channels when it loads it. The report counts such accepted cuts
+(``converted``) and the summary says so.
 
 Security rule: a recording source of type ``command``, or a ``url`` starting with ``pipe:``, is a
 shell command that lhotse would run to load the audio. Such cuts are rejected (``command_source``)
@@ -88,6 +93,20 @@ class Reject:
     reason: str  # one of REASONS
     detail: str
 
+    def to_dict(self) -> dict[str, str]:
+        return {"cut_id": self.cut_id, "reason": self.reason, "detail": self.detail}
+
+
+def reason_counts(rejects: list[Reject]) -> dict[str, int]:
+    """Rejects per reason, in the order of `REASONS` (reasons without rejects left out)."""
+    counts = Counter(r.reason for r in rejects)
+    return {reason: counts[reason] for reason in REASONS if counts[reason]}
+
+
+def format_reason_counts(rejects: list[Reject]) -> str:
+    """``"missing_audio 2, corrupt_audio 1"``: `reason_counts` for humans."""
+    return ", ".join(f"{reason} {n}" for reason, n in reason_counts(rejects).items())
+
 
 @dataclass
 class ValidationReport:
@@ -99,6 +118,7 @@ class ValidationReport:
     total_seconds: float = 0.0
     accepted_seconds: float = 0.0
     unchecked_audio: int = 0  # accepted cuts whose audio was not checked (remote/command sources)
+    converted: int = 0  # accepted cuts not at 16 kHz mono: resampled / downmixed when loaded
     counts: Counter = field(default_factory=Counter)
     rejects: list[Reject] = field(default_factory=list)
 
@@ -127,6 +147,13 @@ class ValidationReport:
                 f" {self.unchecked_audio} accepted cuts have audio sources that were not checked"
                 " (remote URLs or allowed command sources)."
             )
+        if self.converted:
+            from speedasr.data.dataset import SAMPLE_RATE
+
+            text += (
+                f" {self.converted} accepted cuts are not {SAMPLE_RATE / 1000:g} kHz mono: they are"
+                " resampled (lhotse) and their channels averaged when loaded."
+            )
         return text
 
     def to_dict(self) -> dict:
@@ -138,6 +165,7 @@ class ValidationReport:
             "total_seconds": round(self.total_seconds, 3),
             "accepted_seconds": round(self.accepted_seconds, 3),
             "unchecked_audio": self.unchecked_audio,
+            "converted": self.converted,
             "counts": {r: self.counts[r] for r in REASONS if self.counts[r]},
         }
 
@@ -148,8 +176,7 @@ class ValidationReport:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("w") as f:
                 for r in self.rejects:
-                    row = {"cut_id": r.cut_id, "reason": r.reason, "detail": r.detail}
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps(r.to_dict()) + "\n")
         except OSError as e:
             raise UserError(f"cannot write report '{path}': {e.strerror or e}") from None
 
@@ -159,11 +186,12 @@ class ValidationReport:
 # ---------------------------------------------------------------------------------------------
 
 
-def _recordings(cut) -> list:
-    """Recordings a cut reads audio from (none for padding/feature-only cuts)."""
+def cut_recordings(cut) -> list:
+    """Recordings a cut reads audio from: its own, or those of every track of a mixed cut (none
+    for padding/feature-only cuts)."""
     tracks = getattr(cut, "tracks", None)
     if tracks is not None:  # MixedCut
-        return [rec for track in tracks for rec in _recordings(track.cut)]
+        return [rec for track in tracks for rec in cut_recordings(track.cut)]
     recording = getattr(cut, "recording", None)
     return [recording] if recording is not None else []
 
@@ -174,7 +202,9 @@ def _is_command(source) -> bool:
     return isinstance(source.source, str) and source.source.strip().lower().startswith("pipe:")
 
 
-def _check_metadata(cut, max_duration: float | None) -> tuple[str, str] | None:
+def _check_metadata(
+    cut, max_duration: float | None, require_text: bool = True
+) -> tuple[str, str] | None:
     duration = cut.duration
     if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
         return "bad_duration", f"duration {duration!r}"
@@ -184,6 +214,8 @@ def _check_metadata(cut, max_duration: float | None) -> tuple[str, str] | None:
         if end > recording.duration + LENGTH_TOLERANCE_SECONDS:
             return "out_of_bounds", f"cut ends at {end:.3f} s, recording at {recording.duration} s"
     supervisions = cut.supervisions
+    if not require_text:
+        return None
     if not supervisions:
         return "no_supervision", "cut has no supervision segment"
     if not any((s.text or "").strip() for s in supervisions):
@@ -223,7 +255,7 @@ def _check_header(recording, cache: dict) -> tuple[str, str] | None:
                 try:
                     cache[key] = _read_header(source)
                 except Exception as e:
-                    cache[key] = ("corrupt_audio", f"{type(e).__name__}: {e}"[:300])
+                    cache[key] = ("corrupt_audio", one_line(e))
         result = cache[key]
         if isinstance(result[0], str):
             return result
@@ -247,16 +279,28 @@ def _check_header(recording, cache: dict) -> tuple[str, str] | None:
 
 
 def _check_samples(cut) -> tuple[str, str] | None:
-    import numpy as np
+    """Load the cut the way training and inference do (16 kHz mono); the reason if that fails."""
+    from speedasr.data.dataset import AudioLoadError, load_model_audio
 
     try:
-        audio = cut.load_audio()
-    except Exception as e:
-        return "corrupt_audio", f"decoding failed: {type(e).__name__}: {e}"[:300]
-    bad = int(np.size(audio) - np.isfinite(audio).sum())
-    if bad:
-        return "non_finite_samples", f"{bad} NaN/inf samples"
+        load_model_audio(cut)
+    except AudioLoadError as e:
+        return e.reason, e.detail
     return None
+
+
+def one_line(e: Exception, limit: int = 300) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters (lhotse's loading errors span
+    many lines: a header, then one line per audio backend tried)."""
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {message}"[:limit]
+
+
+def is_model_format(cut) -> bool:
+    """Whether the cut's audio is already what the model hears: 16 kHz, one channel."""
+    from speedasr.data.dataset import SAMPLE_RATE
+
+    return cut.sampling_rate == SAMPLE_RATE and getattr(cut, "num_channels", 1) == 1
 
 
 def validate_cuts(
@@ -265,11 +309,13 @@ def validate_cuts(
     check_audio: CheckAudio = True,
     allow_command_sources: bool = False,
     progress: bool = False,
+    require_text: bool = True,
 ):
     """Split `cuts` into accepted cuts and a `ValidationReport` (see the module docstring).
 
     max_duration: seconds; longer cuts are rejected (``too_long``). check_audio: ``False``/"none",
     ``True``/"header" or "full". allow_command_sources: accept (never run) command/pipe sources.
+    require_text: reject cuts without a transcript (``False`` for audio to transcribe).
     Returns ``(accepted: CutSet, report: ValidationReport)``; accepted cuts keep their order.
     """
     from lhotse import CutSet
@@ -287,19 +333,19 @@ def validate_cuts(
         report.total += 1
         duration = cut.duration if isinstance(cut.duration, (int, float)) else 0.0
         report.total_seconds += duration if math.isfinite(duration) else 0.0
-        sources = [s for rec in _recordings(cut) for s in rec.sources]
+        sources = [s for rec in cut_recordings(cut) for s in rec.sources]
         commands = [s for s in sources if _is_command(s)]
         if cut.id in seen:
             problem = ("duplicate_id", "cut id seen earlier in the cutset")
         elif commands and not allow_command_sources:
             problem = ("command_source", f"{commands[0].type} source {str(commands[0].source)!r}")
         else:
-            problem = _check_metadata(cut, max_duration)
+            problem = _check_metadata(cut, max_duration, require_text)
         seen.add(cut.id)
         checkable = not commands and all(s.type in ("file", "memory") for s in sources)
         if problem is None and mode != "none":
             if checkable:
-                for recording in _recordings(cut):
+                for recording in cut_recordings(cut):
                     problem = problem or _check_header(recording, header_cache)
                 if problem is None and mode == "full":
                     problem = _check_samples(cut)
@@ -309,6 +355,7 @@ def validate_cuts(
             accepted.append(cut)
             report.accepted += 1
             report.accepted_seconds += duration
+            report.converted += not is_model_format(cut)
         else:
             report.add_reject(cut.id, *problem)
     return CutSet.from_cuts(accepted), report

@@ -118,6 +118,7 @@ def _merge(a, b):
     a.total_seconds += b.total_seconds
     a.accepted_seconds += b.accepted_seconds
     a.unchecked_audio += b.unchecked_audio
+    a.converted += b.converted
     a.counts.update(b.counts)
     a.rejects += b.rejects
     return a

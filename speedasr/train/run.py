@@ -97,20 +97,40 @@ def train(cfg) -> int:
     trainer.save_checkpoint(str(out_dir / "checkpoints" / "last.ckpt"), weights_only=False)
     faults = next(m for m in monitors if isinstance(m, FaultMonitor))
     skipped = _gather_skipped(trainer, faults.skipped_cuts)
+    skipped_report = None
     if trainer.global_rank == 0:
         print(f"\ntraining done in {time.time() - start:.0f} s, {trainer.global_step} steps")
         for name, report in datamodule.reports.items():
             print(f"{name} data: {report.summary()}")
         if skipped:
             path = out_dir / "skipped_train.jsonl"
-            datamodule.explain_skipped(skipped).write(path)
+            skipped_report = datamodule.explain_skipped(skipped)
+            skipped_report.write(path)
             print(f"cuts skipped mid-training (audio failed to load): {len(skipped)}, see {path}")
         for m in monitors:
             if hasattr(m, "summary"):
                 print(m.summary())
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         print(f"checkpoints: {out_dir / 'checkpoints'} (best: {best or 'n/a'})")
+    check_something_trained(trainer.global_step, faults, skipped_report)
     return 0
+
+
+def check_something_trained(steps: int, faults, skipped_report=None) -> None:
+    """``UserError`` (exit code 2) with the counts by reason when no step of the run updated the
+    model: every step was skipped (all its cuts failed to load, or non-finite loss/gradients), or
+    there was no step at all."""
+    skipped_steps = sum(faults.skipped_steps.values())
+    if steps > skipped_steps:
+        return
+    steps_text = ", ".join(f"{k} {v}" for k, v in sorted(faults.skipped_steps.items()))
+    text = f"no training step updated the model: {skipped_steps} of {steps} steps skipped"
+    text += f" ({steps_text})" if steps_text else ""
+    if skipped_report is not None and skipped_report.rejects:
+        from speedasr.data.manifests import format_reason_counts
+
+        text += f"; cuts that failed to load: {format_reason_counts(skipped_report.rejects)}"
+    raise UserError(text)
 
 
 def build_data_and_model_config(cfg, report_dir: Path | None = None):

@@ -5,6 +5,7 @@ import pytest
 
 from speedasr.bench.padding import STRATEGIES, auto_buckets, benchmark, synthetic_corpus
 from speedasr.cli import main
+from speedasr.testing import make_bad_input_cuts
 
 KEYS = {
     "padding_frames",
@@ -113,3 +114,26 @@ def test_cli_errors(tmp_path, capsys):
     good = tmp_path / "good.tsv.gz"
     write_tsv(good, [("a", 2.0, "x")])
     assert main(["bench", "padding", "--cuts", str(good), "--budget-seconds", "0"]) == 2
+
+
+METADATA_REASONS = {"duplicate_id", "command_source", "bad_duration", "empty_text"}
+FILE_REASONS = {"missing_audio", "corrupt_audio", "header_mismatch", "non_finite_samples"}
+
+
+@pytest.mark.parametrize("check_audio", ["none", "full"])
+def test_every_cut_not_batched_is_counted_with_its_reason(tmp_path, check_audio):
+    cuts, expected = make_bad_input_cuts(tmp_path)
+    result = benchmark(cuts, budget=4.0, check_audio=check_audio)
+    # What the metadata shows is always counted; files are opened only when asked to.
+    reasons = METADATA_REASONS | (FILE_REASONS if check_audio == "full" else set())
+    not_batched = {cut_id for cut_id, reason in expected.items() if reason in reasons}
+    assert result["corpus"]["cuts"] == len(cuts)
+    assert result["corpus"]["validation"]["counts"] == {r: 1 for r in reasons}
+    for name, s in result["strategies"].items():
+        batched = s["cuts_seen"]
+        assert batched == len(cuts) - len(not_batched), name
+        assert batched + s["cuts_rejected"] == len(cuts), name
+        assert s["rejected"]["counts"] == {r: 1 for r in reasons}, name
+        examples = {i for ids in s["rejected"]["examples"].values() for i in ids}
+        assert examples == not_batched, name
+    assert not (tmp_path / "EXECUTED").exists()

@@ -1,5 +1,6 @@
 import gzip
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from lhotse.utils import fastcopy
 from speedasr.cli import main as cli_main
 from speedasr.data.manifests import REASONS, load_cuts, validate_cuts
 from speedasr.errors import UserError
-from speedasr.testing import make_tiny_cuts
+from speedasr.testing import OTHER_RATE_AUDIO, make_bad_input_cuts, make_tiny_cuts
 
 
 def _with_recording(cut, new_id, path, sampling_rate=16000, num_samples=None, source_type="file"):
@@ -156,3 +157,31 @@ def test_cli_writes_report_and_accepted_cuts(seeded_cuts, tmp_path, capsys):
     assert "Validated" in capsys.readouterr().out
     assert cli_main(["data", "validate", "--cuts", str(tmp_path / "x.jsonl.gz"), "--out", "r"]) == 2
     assert not marker.exists()
+
+
+def test_full_check_loads_any_rate_and_names_every_bad_cut(tmp_path):
+    cuts, expected = make_bad_input_cuts(tmp_path)
+    accepted, report = validate_cuts(cuts, max_duration=2.0, check_audio="full")
+    assert {r.cut_id: r.reason for r in report.rejects} == expected
+    other_rates = {f"rate{rate}-{ch}ch" for rate, ch, _ in OTHER_RATE_AUDIO}
+    assert other_rates <= {c.id for c in accepted}  # resampled when loaded, never rejected
+    assert report.converted == len(other_rates)
+    assert "3 accepted cuts are not 16 kHz mono" in report.summary()
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_full_check_rejects_audio_that_cannot_be_resampled(tmp_path, monkeypatch):
+    cuts, _ = make_bad_input_cuts(tmp_path, n_good=1)
+    good = CutSet.from_cuts(list(cuts)[: 1 + len(OTHER_RATE_AUDIO)])  # the good cuts come first
+    monkeypatch.setitem(sys.modules, "scipy", None)  # lhotse's resampling backend is missing
+    accepted, report = validate_cuts(good, check_audio="full")
+    assert [c.id for c in accepted] == ["good-0"]
+    assert report.counts["corrupt_audio"] == len(OTHER_RATE_AUDIO)
+    assert all("scipy" in r.detail for r in report.rejects)
+
+
+def test_audio_to_transcribe_needs_no_text(tmp_path):
+    cuts, expected = make_bad_input_cuts(tmp_path)
+    _, report = validate_cuts(cuts, check_audio="header", require_text=False)
+    assert "empty-text" not in {r.cut_id for r in report.rejects}
+    assert report.counts["empty_text"] == 0 and report.counts["missing_audio"] == 1
