@@ -104,18 +104,24 @@ from speedasr.decoding import (  # noqa: E402
 from speedasr.decoding.cache import prefill, step  # noqa: E402
 
 
-def wide_model(seed=1):
+def wide_model(seed=1, **options):
     """Two decoder blocks, a decoder wider than the encoder (memory projection), 4 heads."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vocab_size=VOCAB, n_mels=MELS, subsampling_channels=4, d_model=16, encoder_layers=1,
         encoder_heads=2, decoder_layers=2, decoder_d_model=32, decoder_heads=4, dropout=0.0,
-        attention_backend="torch", ctc_weight=0.0,
+        attention_backend="torch", ctc_weight=0.0, **options,
     )  # fmt: skip
     return AEDModel(cfg).eval()
 
 
-@pytest.mark.parametrize("make", [model, wide_model])
+def positioned_model(seed=1):
+    """``wide_model`` with absolute positions on the token embeddings and the encoder output:
+    the cache must add the positions the full forward adds."""
+    return wide_model(seed, absolute_token_positions=True, absolute_memory_positions=True)
+
+
+@pytest.mark.parametrize("make", [model, wide_model, positioned_model])
 def test_cached_step_logits_equal_the_full_forward(make):
     m = make()
     seg = Segments.from_lengths(FRAMES)
@@ -141,7 +147,7 @@ def test_cached_step_logits_equal_the_full_forward(make):
                 )
 
 
-@pytest.mark.parametrize("make", [model, wide_model])
+@pytest.mark.parametrize("make", [model, wide_model, positioned_model])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cached_greedy_equals_uncached_greedy(make, seed):
     m = make()

@@ -69,7 +69,7 @@ class KVCache:
     ) -> KVCache:
         """An empty cache for ``decoder`` (``TransformerDecoder``) over packed encoder output
         ``memory: (ΣT', D_enc)``, one row per utterance, ``capacity`` token slots per row."""
-        memory = decoder.project_memory(memory)
+        memory = decoder.project_memory(memory, memory_segments.positions)
         dtype = cache_dtype(memory)
         batch = memory_segments.batch_size
         # Padded to >= 1 frame; padded k/v are zeroed and an utterance without frames attends to
@@ -123,7 +123,7 @@ def extend(decoder, cache: KVCache, tokens: torch.Tensor, counts: torch.Tensor |
     row_index = torch.arange(rows, device=device)[:, None].expand(rows, new)
     used = cache.used + new
     # New position s of row r sees slots j <= its own position (causal, bottom-right aligned).
-    x = decoder.embed(tokens)
+    x = decoder.embed_tokens(tokens, positions)
     self_mask = _additive(
         (torch.arange(used, device=device) <= positions[..., None])[:, None], cache.dtype
     )

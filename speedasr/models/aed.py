@@ -67,6 +67,12 @@ class ModelConfig:
     """Share the decoder input embedding and output projection weights."""
     rope_base: float = 10000.0
     """Rotary embedding base (encoder and decoder self-attention)."""
+    absolute_token_positions: bool = False
+    """Add fixed sinusoidal positions (÷ √width) to the decoder's token embeddings, then a
+    LayerNorm (Canary's decoder embedding); rotary stays in self-attention."""
+    absolute_memory_positions: bool = False
+    """Add fixed sinusoidal positions to the encoder output that cross-attention reads, so the
+    decoder can align tokens to frames by position as well as by content (docs/training.md)."""
     dropout: float = 0.1
     """Dropout on residual branches, feed-forward hidden units and embeddings."""
     attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
@@ -151,6 +157,8 @@ class AEDModel(nn.Module):
             vocab_size=cfg.vocab_size, d_model=cfg.dec_d_model, layers=cfg.decoder_layers,
             heads=cfg.dec_heads, d_ff=cfg.ff_mult * cfg.dec_d_model, dropout=cfg.dropout,
             memory_dim=cfg.d_model, tie_embeddings=cfg.tie_embeddings, rope_base=cfg.rope_base,
+            token_positions=cfg.absolute_token_positions,
+            memory_positions=cfg.absolute_memory_positions,
         )  # fmt: skip
         self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else None
 

@@ -124,7 +124,8 @@ def decoder_fixed_params(cfg: ModelConfig) -> int:
     d, v = cfg.dec_d_model, cfg.vocab_size
     memory_proj = _linear(cfg.d_model, d) if d != cfg.d_model else 0
     output = v if cfg.tie_embeddings else _linear(d, v)
-    return v * d + memory_proj + 2 * d + output
+    embed_norm = 2 * d if cfg.absolute_token_positions else 0
+    return v * d + embed_norm + memory_proj + 2 * d + output
 
 
 def count_parameters(cfg: ModelConfig) -> ParamCount:

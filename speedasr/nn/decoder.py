@@ -3,7 +3,10 @@
 Packed: tokens ``(ΣL,)`` with their ``PackedLayout``; the encoder memory ``(ΣT', D)`` with its own.
 Cross-attention pairs query segment i (tokens of utterance i) with key segment i (frames of
 utterance i) through separate ``cu_seqlens``. Padded: ``(B, L)`` tokens, ``(B, T', D)`` memory.
-Positions: rotary in self-attention (reset per utterance); none in cross-attention.
+Positions: rotary in self-attention (reset per utterance). Optionally, fixed sinusoidal absolute
+positions on the token embeddings (then a LayerNorm: Canary's decoder embedding) and on the encoder
+output that cross-attention reads (``speedasr.nn.positions``); without them cross-attention can
+align tokens to frames by content only.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from speedasr.nn.conformer import FeedForward, SelfAttention
 from speedasr.nn.layout import Layout
+from speedasr.nn.positions import sinusoidal_positions
 from speedasr.nn.rotary import apply_rotary
 
 
@@ -115,16 +119,26 @@ class TransformerDecoder(nn.Module):
     """Token embedding -> ``layers`` blocks -> LayerNorm -> output projection to the vocabulary.
 
     ``hidden(...)`` returns the final normalized states; ``logits(h)`` projects them (callers that
-    need only some positions, e.g. the loss, project only those).
+    need only some positions, e.g. the loss, project only those). ``embed_tokens`` and
+    ``project_memory`` are the two entry points the KV cache shares with ``hidden``.
+
+    Args:
+        token_positions: add sinusoidal positions ÷ √d to the token embeddings, then a LayerNorm
+            (NeMo's ``TransformerEmbedding``, as in Canary).
+        memory_positions: add sinusoidal positions (unscaled: the encoder output is normalized to
+            unit scale) to the encoder output, after the width projection.
     """
 
     def __init__(
         self, vocab_size: int, d_model: int, layers: int, heads: int, d_ff: int, dropout: float,
         memory_dim: int, tie_embeddings: bool = True, rope_base: float = 10000.0,
+        token_positions: bool = False, memory_positions: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        self.embed_norm = nn.LayerNorm(d_model) if token_positions else None
+        self.memory_positions = memory_positions
         # Encoder and decoder widths may differ (canary-180m-flash: 512 -> 1024).
         self.memory_proj = nn.Linear(memory_dim, d_model) if memory_dim != d_model else None
         self.blocks = nn.ModuleList(
@@ -136,15 +150,32 @@ class TransformerDecoder(nn.Module):
         if tie_embeddings:
             self.output.weight = self.embed.weight
 
-    def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
-        return memory if self.memory_proj is None else self.memory_proj(memory)
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``tokens`` -> ``(*tokens.shape, D)`` decoder inputs (before dropout); ``positions``:
+        each token's index in its own sequence, broadcastable to ``tokens``."""
+        x = self.embed(tokens)
+        if self.embed_norm is None:
+            return x
+        table = sinusoidal_positions(positions, x.shape[-1]) / x.shape[-1] ** 0.5
+        return self.embed_norm(x + table.to(x.dtype))
+
+    def project_memory(self, memory: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Encoder output ``(..., D_enc)`` -> what cross-attention reads ``(..., D)``.
+
+        positions: each frame's index in its own utterance, broadcastable to ``memory[..., 0]``.
+        """
+        if self.memory_proj is not None:
+            memory = self.memory_proj(memory)
+        if self.memory_positions:
+            memory = memory + sinusoidal_positions(positions, memory.shape[-1]).to(memory.dtype)
+        return memory
 
     def hidden(
         self, tokens: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout
     ) -> torch.Tensor:
         """``tokens: (ΣL,)`` or ``(B, L)`` -> ``(ΣL, D)`` or ``(B, L, D)`` final states."""
-        memory = self.project_memory(memory)
-        x = self.dropout(self.embed(tokens))
+        memory = self.project_memory(memory, memory_layout.positions)
+        x = self.dropout(self.embed_tokens(tokens, layout.positions))
         for block in self.blocks:
             x = block(x, layout, memory, memory_layout)
         return self.norm(x)

@@ -33,6 +33,11 @@ class PackedLayout:
         self.backend = backend
         self._cache: dict = {}
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """``(N,)`` int64: each row's position inside its own sequence."""
+        return self.segments.positions
+
     def rotary(self, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin: (N, head_dim/2)`` at each row's position inside its sequence."""
         key = ("rotary", head_dim, base)
@@ -101,12 +106,16 @@ class PaddedLayout:
             self._cache["mask"] = torch.arange(self.length, device=device)[None] < lengths[:, None]
         return self._cache["mask"]
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """``(T,)`` int64 ``0..T-1``: every sequence starts at position 0 (broadcasts over B)."""
+        return torch.arange(self.length, device=self.segments.positions.device)
+
     def rotary(self, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin: (T, head_dim/2)``; every sequence starts at position 0."""
         key = ("rotary", head_dim, base)
         if key not in self._cache:
-            positions = torch.arange(self.length, device=self.segments.positions.device)
-            self._cache[key] = rotary_tables(positions, head_dim, base)
+            self._cache[key] = rotary_tables(self.positions, head_dim, base)
         return self._cache[key]
 
     def attend(

@@ -83,8 +83,13 @@ def loss_and_grads(m, batch):
     return out, grads
 
 
-def test_packed_equals_padded():
-    m = model()
+# Absolute positions (token embeddings, encoder output) restart per utterance like rotary ones.
+POSITIONS = [{}, {"absolute_token_positions": True, "absolute_memory_positions": True}]
+
+
+@pytest.mark.parametrize("options", POSITIONS, ids=["rotary", "absolute"])
+def test_packed_equals_padded(options):
+    m = model(**options)
     batch = make_batch(FRAMES, TEXTS, PROMPTS)
     packed, g_packed = loss_and_grads(m, batch)
     padded_batch = make_batch(FRAMES, TEXTS, PROMPTS).to_padded(pad_id=0)
@@ -96,8 +101,9 @@ def test_packed_equals_padded():
     close_grads(g_packed, g_padded)
 
 
-def test_packed_equals_each_utterance_alone():
-    m = model()
+@pytest.mark.parametrize("options", POSITIONS, ids=["rotary", "absolute"])
+def test_packed_equals_each_utterance_alone(options):
+    m = model(**options)
     batch = make_batch(FRAMES, TEXTS, PROMPTS)
     packed, g_packed = loss_and_grads(m, batch)
     feats = batch.feature_segments.split(batch.features.detach())

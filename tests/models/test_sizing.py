@@ -31,6 +31,7 @@ CONFIGS = [
     *PRESETS.values(),
     ModelConfig(d_model=96, encoder_heads=2, decoder_d_model=64, decoder_heads=4, n_mels=64),
     ModelConfig(tie_embeddings=False, ctc_weight=0.0, conv_kernel=31, ff_mult=2),
+    ModelConfig(absolute_token_positions=True, absolute_memory_positions=True),
 ]
 
 
