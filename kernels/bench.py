@@ -1,4 +1,4 @@
-"""`speedasr bench kernels`: attention TFLOP/s on real tokens; Triton vs flash-attn vs padded SDPA.
+"""`speedasr bench kernels`: attention TFLOP/s on real tokens; Triton vs varlen ops vs padded SDPA.
 
 Every backend gets the same batch: one set of sequence lengths, one set of packed q/k/v (the padded
 backend gets the same values copied into a zero-padded ``(B, H, L, D)`` layout with a boolean mask,
@@ -12,6 +12,10 @@ show up as lower TFLOP/s rather than being credited:
 where ``pairs_i`` is ``Lq_i * Lk_i`` (full) or the number of visible pairs under the bottom-right
 causal mask. Before timing, each backend's output is compared with the Triton output on the real
 rows and the max-abs difference is printed, so a fast wrong kernel cannot go unnoticed.
+
+Backends: ``triton`` (this kernel), ``flash_attn`` (``flash_attn_varlen_func``, if installed),
+``torch_varlen`` (``torch.nn.attention.varlen.varlen_attn``, where this torch has it) and
+``sdpa_padded``; one that cannot run here is listed as skipped, with the reason.
 
 Needs a CUDA GPU (it exits with an error otherwise). Example (see docs/kernels.md):
 
@@ -27,6 +31,8 @@ import gzip
 import itertools
 import json
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +40,7 @@ import torch
 
 from speedasr.errors import UserError
 
-BACKENDS = ("triton", "flash_attn", "sdpa_padded")
+BACKENDS = ("triton", "flash_attn", "torch_varlen", "sdpa_padded")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -187,8 +193,37 @@ class Prepared:
     to_packed: Callable[[torch.Tensor], torch.Tensor]  # output -> (total_q, H, D)
 
 
-def prepare(name, q, k, v, grad, lengths_q, lengths_k, causal, backward) -> Prepared | None:
-    """Set a backend up on the same packed inputs; None if its package is not installed."""
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` here, or None if it can."""
+    if name in ("flash_attn", "torch_varlen") and device.type != "cuda":
+        return "needs CUDA"
+    if name == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "flash-attn not installed"
+    if name == "torch_varlen" and _torch_varlen_attn() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    return None
+
+
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    # Causal is the (-1, 0) window, which flash-attention aligns bottom-right like our kernel;
+    # the output cross-check against Triton would show any other alignment.
+    window = (-1, 0) if causal else (-1, -1)
+    return _torch_varlen_attn()(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window)
+
+
+def prepare(name, q, k, v, grad, lengths_q, lengths_k, causal, backward) -> Prepared:
+    """Set a backend up on the same packed inputs (check ``unavailable`` first)."""
     cu_q, cu_k = _offsets(lengths_q, q.device), _offsets(lengths_k, q.device)
     max_q, max_k = max(lengths_q), max(lengths_k)
     if name == "sdpa_padded":
@@ -207,10 +242,9 @@ def prepare(name, q, k, v, grad, lengths_q, lengths_k, causal, backward) -> Prep
     if name == "triton":
         from speedasr.kernels.flash_varlen import flash_attn_varlen as fn
     elif name == "flash_attn":
-        try:
-            from flash_attn import flash_attn_varlen_func as fn
-        except ImportError:
-            return None
+        from flash_attn import flash_attn_varlen_func as fn
+    elif name == "torch_varlen":
+        fn = _torch_varlen
     else:
         raise ValueError(f"unknown backend {name!r}")
     return Prepared(
@@ -246,17 +280,44 @@ def _lengths(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     return lengths_q, lengths_k
 
 
-def _time(case: Prepared, backward: bool, args: argparse.Namespace) -> float:
+Timer = Callable[[Callable[[], object], list[torch.Tensor]], float]
+"""``timer(fn, leaves)``: median milliseconds of ``fn()``, resetting ``leaves``' gradients."""
+
+
+def do_bench_timer(warmup_ms: int, rep_ms: int) -> Timer:
+    """``triton.testing.do_bench`` (CUDA events, L2 flushed between calls): the GPU timer."""
+
+    def time_ms(fn, leaves):
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=leaves, return_mode="median")
+
+    return time_ms
+
+
+def wall_clock_timer(reps: int) -> Timer:
+    """Median of ``reps`` wall-clock calls after one warm-up: the CPU stand-in (dry runs)."""
+
+    def time_ms(fn, leaves):
+        seconds = []
+        for _ in range(reps + 1):
+            for t in leaves:
+                t.grad = None
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(seconds[1:])
+
+    return time_ms
+
+
+def _time(case: Prepared, backward: bool, timer: Timer) -> float:
     """Median milliseconds of one forward (or forward + backward) call."""
-    from triton.testing import do_bench
 
     def fwd_bwd() -> None:
         case.run().backward(case.grad_out)
 
-    fn = fwd_bwd if backward else case.run
-    return do_bench(
-        fn, warmup=args.warmup, rep=args.rep, grad_to_none=case.leaves, return_mode="median"
-    )
+    return timer(fwd_bwd if backward else case.run, case.leaves)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,12 +331,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def benchmark(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Print the results table (and write ``--json``); returns its rows.
+def benchmark(
+    args: argparse.Namespace, device: torch.device, timer: Timer | None = None
+) -> list[dict]:
+    """Print the results table (and write ``--json``); returns its rows (backends that ran).
 
-    ``device`` is CUDA from the CLI; the tests run it on CPU under TRITON_INTERPRET=1 with a
-    stand-in ``do_bench`` to check everything but the timings.
+    ``device`` is CUDA from the CLI, timed with ``do_bench``; the tests and the GPU check's dry
+    run use it on CPU under TRITON_INTERPRET=1 with a stand-in ``timer``.
     """
+    timer = timer or do_bench_timer(args.warmup, args.rep)
     lengths_q, lengths_k = _lengths(args)
     dtype = DTYPES[args.dtype]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
@@ -297,17 +361,18 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> list[dict]:
         grad = torch.randn(shapes[0], device=device, dtype=dtype, generator=gen)
         for mask, mode, name in itertools.product(args.mask, args.mode, args.backends):
             causal, backward = mask == "causal", mode == "fwd_bwd"
-            case = prepare(name, q, k, v, grad, lengths_q, lengths_k, causal, backward)
-            if case is None:
-                print(f"{name:<12} not installed, skipped")
+            reason = unavailable(name, device)
+            if reason:
+                print(f"{name:<12} skipped: {reason}")
                 continue
+            case = prepare(name, q, k, v, grad, lengths_q, lengths_k, causal, backward)
             # Same inputs, so outputs must agree on every query that sees a key.
             expected = prepare("triton", q, k, v, grad, lengths_q, lengths_k, causal, False).run()
             with torch.no_grad():
                 out = case.to_packed(case.run())
             compared = rows_with_keys(lengths_q, lengths_k, causal).to(device)
             diff = (out - expected)[compared].abs().max().item() if compared.any() else 0.0
-            ms = _time(case, backward, args)
+            ms = _time(case, backward, timer)
             flops = attention_flops(lengths_q, lengths_k, args.heads, head_dim, causal, mode)
             tflops = flops / (ms * 1e-3) / 1e12
             results.append(dict(backend=name, head_dim=head_dim, mask=mask, mode=mode, ms=ms,

@@ -38,6 +38,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "throughput"), "speedasr.bench.throughput", "training throughput: packed vs padded"),
     (("bench", "rtfx"), "speedasr.bench.rtfx", "inference RTFx of encoder/decoder splits"),
     (("bench", "kernels"), "speedasr.kernels.bench", "attention kernel TFLOP/s (GPU)"),
+    (("bench", "gpu"), "speedasr.bench.gpu", "the prepared GPU check: kernels, training, NVML"),
     (("profile",), "speedasr.profile.report", "summary and plots from training logs"),
 ]
 

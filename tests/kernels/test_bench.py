@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import time
 
 import pytest
 import torch
@@ -108,3 +109,25 @@ def test_cli_needs_cuda():
         pytest.skip("a GPU is visible")
     with pytest.raises(UserError, match="CUDA"):
         bench.run(_args())
+
+
+def test_backends_that_cannot_run_here_say_why():
+    cpu = torch.device("cpu")
+    assert bench.unavailable("torch_varlen", cpu) == "needs CUDA"
+    assert bench.unavailable("flash_attn", cpu) == "needs CUDA"
+    assert bench.unavailable("triton", cpu) is None  # the interpreter runs it
+    assert bench.unavailable("sdpa_padded", cpu) is None
+
+
+def test_wall_clock_timer_resets_gradients_and_skips_the_warm_up():
+    leaf = torch.ones(2, requires_grad=True)
+    calls = []
+
+    def step():
+        calls.append(leaf.grad)  # None at every call: gradients reset before each
+        time.sleep(0.05 if not calls[1:] else 0.0)  # only the warm-up call is slow
+        (2 * leaf).sum().backward()
+
+    ms = bench.wall_clock_timer(reps=3)(step, [leaf])
+    assert calls == [None] * 4
+    assert ms < 25  # the median of the 3 timed calls, without the 50 ms warm-up
