@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from speedasr.errors import UserError
@@ -43,13 +42,9 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def _available() -> list[tuple[tuple[str, ...], str, str]]:
-    return [c for c in COMMANDS if importlib.util.find_spec(c[1]) is not None]
-
-
 def _usage() -> str:
     lines = ["usage: speedasr COMMAND [ARGS...]", "", "commands:"]
-    for words, _, help_ in _available():
+    for words, _, help_ in COMMANDS:
         lines.append(f"  {' '.join(words):<22} {help_}")
     lines += ["", "Run `speedasr COMMAND --help` for a command's options."]
     return "\n".join(lines)
@@ -66,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     match = max(
-        (c for c in _available() if tuple(argv[: len(c[0])]) == c[0]),
+        (c for c in COMMANDS if tuple(argv[: len(c[0])]) == c[0]),
         key=lambda c: len(c[0]),
         default=None,
     )
@@ -76,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     words, module_name, help_ = match
     prog = "speedasr " + " ".join(words)
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:  # a broken install: say which part is missing, never hide the command
+        print(
+            f"{prog}: error: cannot import {module_name} ({type(e).__name__}: {e}); "
+            "this speedasr installation is incomplete: reinstall it",
+            file=sys.stderr,
+        )
+        return 1
     rest = argv[len(words) :]
     try:
         if hasattr(module, "main"):
