@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import signal
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,13 +61,15 @@ class DataConfig:
 class AsrDataModule(pl.LightningDataModule):
     """Builds train/validation dataloaders from ``DataConfig`` + ``SamplerConfig``.
 
-    Exact resume: the checkpoint holds ``(epoch, batches consumed in the epoch)``, counted by
-    ``speedasr.train.progress.TrainingProgress`` through ``batch_started`` (not the sampler's own
-    position, which runs ahead of training by the batches the DataLoader prefetched). On resume a
-    fresh sampler of the same seed replays that epoch and skips that many batches (metadata only,
-    no audio is read), so training continues with exactly the batches that would have come next.
-    Each batch also carries a seed derived from ``(seed, epoch, index, rank)`` for its
-    augmentation, so the features of a batch do not depend on which worker made them.
+    Exact resume: the checkpoint holds ``(epoch, batches consumed in the epoch)``, taken when a
+    training step starts (``speedasr.train.progress.TrainingProgress`` calls ``batch_started``)
+    from the position the sampler gave that batch, not from the sampler's own position, which
+    runs ahead of training by the batches the DataLoader prefetched. On resume a fresh sampler of
+    the same seed replays that epoch and skips that many batches (metadata only, no audio is
+    read), or starts the next epoch if none is left, so training continues with exactly the
+    batches that would have come next. Each batch also carries a seed derived from
+    ``(seed, epoch, index, rank)`` for its augmentation, so the features of a batch do not depend
+    on which worker made them.
     """
 
     def __init__(
@@ -137,7 +141,7 @@ class AsrDataModule(pl.LightningDataModule):
         self._train_sampler = ResumableSampler(sampler, seed=self.seed, rank=rank)
         if self._resume_state is not None:
             self._check_resume(self._resume_state, world_size)
-            self._train_sampler.skip(self.progress["epoch"], self.progress["batches"])
+            self._train_sampler.resume(self.progress["epoch"], self.progress["batches"])
             self._resume_state = None
         dataset = self.dataset(spec_augment=self.cfg.spec_augment)
         return self._loader(SeededBatches(dataset), self._train_sampler, persistent=True)
@@ -182,6 +186,7 @@ class AsrDataModule(pl.LightningDataModule):
             num_workers=self.cfg.num_workers,
             persistent_workers=persistent and workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_ignore_stop_signals,
         )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -213,18 +218,34 @@ class AsrDataModule(pl.LightningDataModule):
 
     # --- exact resume ---------------------------------------------------------------------------
     def batch_started(self, epoch: int) -> int:
-        """A training step starts on the next batch of ``epoch``; returns its index in the epoch."""
-        if epoch != self.progress["epoch"]:
-            self.progress = {"epoch": epoch, "batches": 0}
-        index = self.progress["batches"]
-        self.progress["batches"] += 1
+        """A training step of the trainer's ``epoch`` starts on the next batch; returns that
+        batch's index in the epoch, as the sampler labelled it.
+
+        Raises:
+            RuntimeError: the batch belongs to another epoch than the trainer's (the resumed data
+                position and the trainer's loop disagree: resume would not be exact).
+        """
+        assert self._train_sampler is not None, "batch_started before train_dataloader"
+        batch_epoch, index = self._train_sampler.next_position()
+        if batch_epoch != epoch:
+            raise RuntimeError(
+                f"training epoch {epoch} received batch {index} of epoch {batch_epoch}: the data "
+                "position and the trainer's loop disagree, resume would not be exact"
+            )
+        self.progress = {"epoch": epoch, "batches": index + 1}
         return index
 
     def state_dict(self) -> dict[str, Any]:
         """Saved by Lightning in every checkpoint (plain values: loads with weights_only)."""
         trainer = self.trainer
+        progress = dict(self.progress)
+        if trainer is not None and trainer.current_epoch > progress["epoch"]:
+            # Lightning closes an epoch that max_steps, max_time or should_stop ended early, and a
+            # run resumed from this checkpoint starts the next one: so does its data. (Also: no
+            # batch yet, epoch -1.)
+            progress = {"epoch": trainer.current_epoch, "batches": 0}
         return {
-            "progress": dict(self.progress),
+            "progress": progress,
             "seed": self.seed,
             "world_size": trainer.world_size if trainer is not None else 1,
             "sampler": sampler_fingerprint(self.sampler_cfg),
@@ -260,46 +281,80 @@ class AsrDataModule(pl.LightningDataModule):
             )
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: ignore Ctrl-C and SIGTERM. Both reach every process of the group
+    (a terminal's Ctrl-C, ``timeout``, job schedulers); the main process stops training at the end
+    of the batch (``speedasr.train.faults.GracefulStop``) and then shuts its workers down, while a
+    worker that died first would turn that clean stop into a crash. Workers still exit on their
+    own when the main process is gone (torch checks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def sampler_fingerprint(cfg: SamplerConfig) -> dict[str, Any]:
     """The sampler settings that decide which batches an epoch has (plain values)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """Wraps a lhotse sampler: yields ``(cuts, batch_seed)`` and can skip the first batches of
-    an epoch once (exact resume). ``set_epoch`` is forwarded, so Lightning's per-epoch call works.
+    """Wraps a lhotse sampler: yields ``(cuts, batch_seed)``, can resume at any batch of any
+    epoch, and remembers the position ``(epoch, index in epoch)`` of every batch it yielded.
+    ``set_epoch`` is forwarded, so Lightning's per-epoch call works.
+
+    Lightning creates the DataLoader iterator (which starts this iterator to prefetch) *before*
+    it calls ``set_epoch`` for the epoch it resumes, so a resumed position is held here and
+    applied by the next ``__iter__`` whatever the order of the calls: that iteration runs the
+    resumed epoch from the first batch not consumed, and if the epoch had no batch left (the
+    checkpoint was written at its last batch), the next epoch from its first batch.
     """
 
     def __init__(self, sampler, seed: int, rank: int) -> None:
         self.sampler = sampler
         self.seed, self.rank = seed, rank
         self.epoch = 0
-        self._skip: tuple[int, int] | None = None
+        self._resume: tuple[int, int] | None = None
+        self.yielded: deque[tuple[int, int]] = deque()
+        """Positions ``(epoch, index)`` of the batches yielded by the current iteration and not
+        yet claimed by ``next_position`` (the DataLoader keeps batches in order)."""
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.sampler.set_epoch(epoch)
 
-    def skip(self, epoch: int, batches: int) -> None:
-        """The next iteration over ``epoch`` starts after its first ``batches`` batches."""
-        self._skip = (epoch, batches)
+    def resume(self, epoch: int, batches: int) -> None:
+        """The next iteration continues after the first ``batches`` batches of ``epoch``."""
+        self._resume = (epoch, batches)
+
+    def next_position(self) -> tuple[int, int]:
+        """``(epoch, index in epoch)`` of the next batch the DataLoader hands out (in order)."""
+        return self.yielded.popleft()
 
     def __iter__(self):
+        self.yielded.clear()  # a new iteration: the DataLoader dropped the previous one's batches
+        resume, self._resume = self._resume, None
+        if resume is None:
+            yield from self._epoch_batches(start=0)
+            return
+        epoch, consumed = resume
+        self.set_epoch(epoch)
+        yielded = yield from self._epoch_batches(start=consumed)
+        if not yielded:  # the epoch was complete: continue with the next one
+            self.set_epoch(epoch + 1)
+            yield from self._epoch_batches(start=0)
+
+    def _epoch_batches(self, start: int):
+        """This epoch's batches from index ``start`` on (earlier ones are sampled and dropped:
+        metadata only). Returns how many it yielded."""
         from speedasr.train.progress import batch_seed
 
-        skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
-        self._skip = None
+        yielded = 0
         for index, cuts in enumerate(iter(self.sampler)):
-            if index >= skip:
+            if index >= start:
+                self.yielded.append((self.epoch, index))
                 yield cuts, batch_seed(self.seed, self.epoch, index, self.rank)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __getattr__(self, name: str):  # diagnostics, rejected, ... of the wrapped sampler
-        if name == "sampler":
-            raise AttributeError(name)
-        return getattr(self.sampler, name)
+                yielded += 1
+        return yielded
 
 
 class SeededBatches(torch.utils.data.Dataset):

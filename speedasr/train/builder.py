@@ -25,15 +25,16 @@ def build_logger(out_dir: Path) -> list[Logger]:
 
 
 def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Callback]]:
-    """Checkpointing, exact-resume progress, fault tolerance and the enabled profiling monitors.
-    Returns (all callbacks, monitors); ``FaultMonitor`` counts as a monitor (it has a summary)."""
+    """Checkpointing, exact-resume progress, fault tolerance, a clean stop on SIGTERM/Ctrl-C and
+    the enabled profiling monitors. Returns (all callbacks, monitors); ``FaultMonitor`` counts as
+    a monitor (it has a summary)."""
     from speedasr.console import LOG_REFRESH_STEPS, is_terminal
     from speedasr.train.callbacks import (
         GPUUtilizationMonitor,
         PaddingMonitor,
         ThroughputMonitor,
     )
-    from speedasr.train.faults import FaultMonitor
+    from speedasr.train.faults import FaultMonitor, GracefulStop
     from speedasr.train.progress import TrainingProgress
 
     has_val = bool(cfg.data.dev_cuts)
@@ -45,6 +46,10 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
         mode="min",
         save_top_k=1 if has_val else 0,
         save_last=True,
+        # A resumed run that writes a name again writes the same state (resume is exact), and
+        # last.ckpt is always the newest state (GracefulStop writes it too): overwrite, rather
+        # than Lightning's last-v1.ckpt, step8-v1.ckpt, ...
+        enable_version_counter=False,
     )
     checkpoints = [checkpoint]
     every = cfg.checkpoint.every_n_steps
@@ -61,6 +66,11 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
                 mode="max",
                 save_top_k=cfg.checkpoint.keep,
                 save_last=False,  # one writer of last.ckpt; `resume: last` takes the newest file
+                # Save at the step itself. Otherwise, with a monitor, Lightning defers a save at
+                # an epoch's last batch to the end of a validation it expects next, which with
+                # val_check_interval in steps may come much later or at a step already saved.
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
             )
         )
     progress = TrainingProgress(cfg.seed, record_dir=out_dir if cfg.record_batches else None)
@@ -71,7 +81,10 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
         monitors.append(GPUUtilizationMonitor())
     if cfg.monitors.throughput:
         monitors.append(ThroughputMonitor())
-    callbacks = [progress, *checkpoints, LearningRateMonitor(logging_interval="step"), *monitors]
+    stop = GracefulStop(out_dir / "checkpoints" / "last.ckpt")
+    callbacks = [
+        progress, *checkpoints, stop, LearningRateMonitor(logging_interval="step"), *monitors,
+    ]  # fmt: skip
     if cfg.trainer.enable_progress_bar and not is_terminal():
         # Into a log file every redraw is appended: redraw every 100 steps, not several per second.
         callbacks.append(TQDMProgressBar(refresh_rate=LOG_REFRESH_STEPS))
@@ -92,3 +105,41 @@ def resolve_resume(resume: str | None, out_dir: Path) -> str | None:
     if not path.is_file():
         raise UserError(f"resume checkpoint '{path}' does not exist")
     return str(path)
+
+
+def check_trainer_settings(trainer_cfg) -> None:
+    """Let Lightning validate the ``trainer.*`` settings now, before data validation: builds a
+    throwaway ``pl.Trainer`` (milliseconds) and turns its error into a ``UserError`` naming the
+    key, found by trying each changed setting alone on top of the defaults."""
+    error = _trainer_error(vars(trainer_cfg))
+    if error is None:
+        return
+    defaults = vars(type(trainer_cfg)())
+    changed = {k: v for k, v in vars(trainer_cfg).items() if v != defaults.get(k)}
+    culprits = [k for k in changed if _trainer_error({**defaults, k: changed[k]}) is not None]
+    keys = culprits[:1] or list(changed)  # no key fails alone: the combination is at fault
+    named = ", ".join(f"trainer.{k}={changed[k]!r}" for k in keys) or "trainer settings"
+    raise UserError(f"{named}: {error}")
+
+
+def _trainer_error(settings: dict) -> str | None:
+    """Lightning's complaint about these Trainer settings (its first line), or None."""
+    import logging
+    import warnings
+
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    lightning_log = logging.getLogger("pytorch_lightning")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.ERROR)  # "GPU available: ..." is for the real Trainer
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(
+                logger=False, enable_checkpointing=False, enable_model_summary=False, **settings
+            )
+    except (MisconfigurationException, ValueError, TypeError) as e:
+        return " ".join(str(e).split()) or type(e).__name__
+    finally:
+        lightning_log.setLevel(level)
+    return None

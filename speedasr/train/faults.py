@@ -14,15 +14,23 @@
 
 Counts are logged (``faults/skipped_steps``, ``faults/skipped_cuts``), saved in checkpoints and
 summarized by ``summary()``.
+
+``GracefulStop`` (also a plain Lightning callback): SIGTERM or Ctrl-C stop training at the end of
+the current batch and leave a checkpoint that resumes exactly.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
 class FaultMonitor(pl.Callback):
@@ -91,3 +99,61 @@ class FaultMonitor(pl.Callback):
         self.skipped_steps = Counter(state.get("skipped_steps", {}))
         self.skipped_cuts = list(state.get("skipped_cuts", []))
         self.num_skipped_cuts = int(state.get("num_skipped_cuts", 0))
+
+
+class GracefulStop(pl.Callback):
+    """SIGTERM or Ctrl-C (SIGINT) stop training at the end of the current batch, with a checkpoint
+    written to ``checkpoint_path`` from which ``--resume`` continues exactly.
+
+    Lightning already turns SIGTERM into a stop at the next batch boundary: it finishes the batch
+    and its callbacks, then raises ``SIGTERMException`` (and tells the other ranks). This callback
+    makes the first Ctrl-C do the same (a second one interrupts at once, as usual, without a
+    checkpoint), and writes the checkpoint when that exception passes through ``on_exception``,
+    before Lightning tears the run down. A crash inside a step writes nothing: its state is that
+    of a half-done step. ``exit_code`` is the shell's convention, 128 + the signal's number.
+    """
+
+    def __init__(self, checkpoint_path: str | Path) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.signal: signal.Signals | None = None
+        self._previous_sigint: Any = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal or signal.SIGTERM)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning installed its SIGTERM handler before this hook, and its teardown restores
+        # every handler it found then, this SIGINT one included. A process started with SIGINT
+        # ignored (a background job of a script) keeps ignoring it.
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame) -> None:
+        if self.signal == signal.SIGINT:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.SIGINT
+        print("Ctrl-C: stopping after this batch (press again to stop at once)", file=sys.stderr)
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+        if not callable(lightning_sigterm):  # no Lightning handler (Windows): stop now
+            raise KeyboardInterrupt
+        lightning_sigterm(signum, frame)  # flags the stop, forwards it to launched ranks
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.signal = self.signal or signal.SIGTERM
+            trainer.save_checkpoint(str(self.checkpoint_path), weights_only=False)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def message(self, step: int) -> str:
+        """One line for the user: what stopped the run, and how to continue it."""
+        name = signal.Signals(self.signal or signal.SIGTERM).name
+        return (
+            f"training stopped by {name} after step {step}; checkpoint {self.checkpoint_path} "
+            "(continue with --resume last)"
+        )

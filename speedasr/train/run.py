@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -58,9 +59,10 @@ def train(cfg) -> int:
     """Run training from a resolved ``TrainConfig``; returns a process exit code."""
     import pytorch_lightning as pl
     import torch
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from speedasr.train.builder import build_callbacks, build_logger, resolve_resume
-    from speedasr.train.faults import FaultMonitor
+    from speedasr.train.faults import FaultMonitor, GracefulStop
     from speedasr.train.module import AsrModule
     from speedasr.train.progress import limit_heap_arenas
 
@@ -91,7 +93,13 @@ def train(cfg) -> int:
     )
     start = time.time()
     # weights_only: a checkpoint from someone else cannot run code (speedasr's hold plain values).
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except SIGTERMException:  # SIGTERM or Ctrl-C, at a batch boundary: GracefulStop saved it
+        stop = next(c for c in callbacks if isinstance(c, GracefulStop))
+        if trainer.global_rank == 0:
+            print(stop.message(trainer.global_step), file=sys.stderr)
+        return stop.exit_code
     # Lightning's save_last copies last.ckpt only when a top-k checkpoint is written, so after a
     # validation that did not improve it would hold older weights: write the final state here.
     trainer.save_checkpoint(str(out_dir / "checkpoints" / "last.ckpt"), weights_only=False)
@@ -155,6 +163,8 @@ def check_trainer_config(trainer) -> None:
     """Errors Lightning would raise late (after data validation) or obscurely, raised early."""
     import torch
 
+    from speedasr.train.builder import check_trainer_settings
+
     strategy = str(trainer.strategy)
     if strategy.startswith("fsdp"):
         cpu = trainer.accelerator == "cpu" or (
@@ -167,6 +177,7 @@ def check_trainer_config(trainer) -> None:
             )
     if trainer.max_steps == -1 and trainer.max_epochs is None and trainer.max_time is None:
         raise UserError("set trainer.max_steps, trainer.max_epochs or trainer.max_time")
+    check_trainer_settings(trainer)  # the rest, by Lightning
 
 
 def check_resume_checkpoint(path: str, model_cfg, tokenizer) -> None:
