@@ -283,8 +283,8 @@ class AsrDataModule(pl.LightningDataModule):
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """In a DataLoader worker: ignore Ctrl-C and SIGTERM. Both reach every process of the group
-    (a terminal's Ctrl-C, ``timeout``, job schedulers); the main process stops training at the end
-    of the batch (``speedasr.train.faults.GracefulStop``) and then shuts its workers down, while a
+    (a terminal's Ctrl-C, ``timeout``, job schedulers); the main process stops training after the
+    current step (``speedasr.train.faults.GracefulStop``) and then shuts its workers down, while a
     worker that died first would turn that clean stop into a crash. Workers still exit on their
     own when the main process is gone (torch checks)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -15,8 +15,8 @@
 Counts are logged (``faults/skipped_steps``, ``faults/skipped_cuts``), saved in checkpoints and
 summarized by ``summary()``.
 
-``GracefulStop`` (also a plain Lightning callback): SIGTERM or Ctrl-C stop training at the end of
-the current batch and leave a checkpoint that resumes exactly.
+``GracefulStop`` (also a plain Lightning callback): SIGTERM or Ctrl-C stop training after the
+current step, on every rank after the same one, and leave a checkpoint that resumes exactly.
 """
 
 from __future__ import annotations
@@ -102,57 +102,79 @@ class FaultMonitor(pl.Callback):
 
 
 class GracefulStop(pl.Callback):
-    """SIGTERM or Ctrl-C (SIGINT) stop training at the end of the current batch, with a checkpoint
-    written to ``checkpoint_path`` from which ``--resume`` continues exactly.
+    """SIGTERM or Ctrl-C (SIGINT) stop training after the current optimizer step, on every rank
+    after the same one, with a checkpoint written to ``checkpoint_path`` from which ``--resume``
+    continues exactly. A second Ctrl-C interrupts at once (Lightning's KeyboardInterrupt path, no
+    checkpoint). ``exit_code`` is the shell's convention, 128 + the signal's number.
 
-    Lightning already turns SIGTERM into a stop at the next batch boundary: it finishes the batch
-    and its callbacks, then raises ``SIGTERMException`` (and tells the other ranks). This callback
-    makes the first Ctrl-C do the same (a second one interrupts at once, as usual, without a
-    checkpoint), and writes the checkpoint when that exception passes through ``on_exception``,
-    before Lightning tears the run down. A crash inside a step writes nothing: its state is that
-    of a half-done step. ``exit_code`` is the shell's convention, 128 + the signal's number.
+    Why not Lightning's own SIGTERM handling: it raises ``SIGTERMException`` on each rank as soon
+    as that rank's own flag is set, so ranks that got the signal a moment apart stop after
+    different batches, and a checkpoint saved then (a collective) deadlocks. Here the handlers only
+    note the signal; at the end of each batch whose optimizer step ran, the ranks all-reduce the
+    note and, if any rank got a signal, all raise ``SIGTERMException`` there. The checkpoint is
+    written while that exception passes ``on_exception``, before Lightning tears the run down, in
+    the same loop state as a step checkpoint. A process that started with a signal ignored (a
+    background job of a script ignores SIGINT) keeps ignoring it.
     """
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, checkpoint_path: str | Path) -> None:
         self.checkpoint_path = Path(checkpoint_path)
-        self.signal: signal.Signals | None = None
-        self._previous_sigint: Any = None
+        self.received: signal.Signals | None = None
+        """The first stop signal this process received."""
+        self.stopped_by: signal.Signals | None = None
+        """The signal that stopped the run (on any rank); None while it runs."""
+        self._previous_handlers: dict[signal.Signals, Any] = {}
+        self._step_at_batch_start = 0
 
     @property
     def exit_code(self) -> int:
-        return 128 + int(self.signal or signal.SIGTERM)
+        return 128 + int(self.stopped_by or signal.SIGTERM)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Lightning installed its SIGTERM handler before this hook, and its teardown restores
-        # every handler it found then, this SIGINT one included. A process started with SIGINT
-        # ignored (a background job of a script) keeps ignoring it.
-        main_thread = threading.current_thread() is threading.main_thread()
-        if main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        # Replaces Lightning's SIGTERM handler too; Lightning's teardown restores the handlers
+        # it found before the run.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.STOP_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
 
-    def _on_sigint(self, signum: int, frame) -> None:
-        if self.signal == signal.SIGINT:  # the second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signal.SIGINT
-        print("Ctrl-C: stopping after this batch (press again to stop at once)", file=sys.stderr)
-        lightning_sigterm = signal.getsignal(signal.SIGTERM)
-        if not callable(lightning_sigterm):  # no Lightning handler (Windows): stop now
-            raise KeyboardInterrupt
-        lightning_sigterm(signum, frame)  # flags the stop, forwards it to launched ranks
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.received is not None:
+            if signum == signal.SIGINT:  # Ctrl-C again: stop now
+                raise KeyboardInterrupt
+            return
+        self.received = signal.Signals(signum)
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        print(f"{self.received.name}: stopping after this step{again}", file=sys.stderr)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # accumulating gradients: their sum is not in a checkpoint, go on
+        received = torch.tensor([int(self.received or 0)])
+        if trainer.world_size > 1:  # one decision for all ranks, at the same step
+            received = trainer.strategy.reduce(received.to(pl_module.device), reduce_op="max")
+        if int(received.item()):
+            self.stopped_by = signal.Signals(int(received.item()))
+            raise SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            self.signal = self.signal or signal.SIGTERM
+        if isinstance(exception, SIGTERMException) and self.stopped_by is not None:
             trainer.save_checkpoint(str(self.checkpoint_path), weights_only=False)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     def message(self, step: int) -> str:
         """One line for the user: what stopped the run, and how to continue it."""
-        name = signal.Signals(self.signal or signal.SIGTERM).name
+        name = (self.stopped_by or signal.SIGTERM).name
         return (
             f"training stopped by {name} after step {step}; checkpoint {self.checkpoint_path} "
             "(continue with --resume last)"

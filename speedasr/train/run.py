@@ -95,7 +95,7 @@ def train(cfg) -> int:
     # weights_only: a checkpoint from someone else cannot run code (speedasr's hold plain values).
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    except SIGTERMException:  # SIGTERM or Ctrl-C, at a batch boundary: GracefulStop saved it
+    except SIGTERMException:  # SIGTERM or Ctrl-C, after a step: GracefulStop saved it
         stop = next(c for c in callbacks if isinstance(c, GracefulStop))
         if trainer.global_rank == 0:
             print(stop.message(trainer.global_step), file=sys.stderr)
