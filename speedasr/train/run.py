@@ -59,10 +59,8 @@ def train(cfg) -> int:
     """Run training from a resolved ``TrainConfig``; returns a process exit code."""
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from speedasr.train.builder import build_callbacks, build_logger, resolve_resume
-    from speedasr.train.faults import FaultMonitor, GracefulStop
     from speedasr.train.module import AsrModule
     from speedasr.train.progress import limit_heap_arenas
 
@@ -91,6 +89,20 @@ def train(cfg) -> int:
         use_distributed_sampler=False,  # lhotse samplers shard by rank themselves
         **vars(cfg.trainer),
     )
+    completed = False
+    try:
+        code = _fit_and_report(trainer, module, datamodule, ckpt, callbacks, monitors, out_dir)
+        completed = True
+        return code
+    finally:
+        _leave_process_group(wait_for_others=completed)
+
+
+def _fit_and_report(trainer, module, datamodule, ckpt, callbacks, monitors, out_dir) -> int:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from speedasr.train.faults import FaultMonitor, GracefulStop
+
     start = time.time()
     # weights_only: a checkpoint from someone else cannot run code (speedasr's hold plain values).
     try:
@@ -122,6 +134,19 @@ def train(cfg) -> int:
         print(f"checkpoints: {out_dir / 'checkpoints'} (best: {best or 'n/a'})")
     check_something_trained(trainer.global_step, faults, skipped_report)
     return 0
+
+
+def _leave_process_group(wait_for_others: bool) -> None:
+    """Destroy the data-parallel process group, after the ranks wait for each other when all of
+    them got to the end (not after an error, which another rank may never reach), so no rank
+    exits while another's communication threads still use its sockets (a gloo rank aborted once
+    in a full test run with "terminate called without an active exception" after training)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_something_trained(steps: int, faults, skipped_report=None) -> None:
