@@ -45,6 +45,32 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
 
 
+# Settings added after checkpoints were already being saved, with the value an older checkpoint
+# (one without the key) was trained with, where that is not the field's default.
+_LEGACY_MODEL_SETTINGS = {
+    # Before `block_out_norm` existed every encoder block ended with a LayerNorm.
+    "block_out_norm": True,
+}
+
+
+def saved_model_config(model_hparams: dict, path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint's model was trained with, from its saved
+    ``hyper_parameters["model"]`` dict.
+
+    A setting the checkpoint lacks (saved before the setting existed) takes the value its model
+    was built with: ``_LEGACY_MODEL_SETTINGS`` where that differs from today's default, else
+    the field's default (new options default to the old behaviour, e.g. the absolute positions).
+    ``UserError`` naming ``path`` for settings this version does not know.
+    """
+    unknown = sorted(set(model_hparams) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise UserError(
+            f"checkpoint '{path}' has model settings this version of speedasr does not know: "
+            f"{', '.join(unknown)} (saved by another version?)"
+        )
+    return ModelConfig(**{**_LEGACY_MODEL_SETTINGS, **model_hparams})
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
@@ -52,17 +78,7 @@ def load_model(
     ``device`` (inference in bfloat16: see ``speedasr.inference.inference_dtype``)."""
     ckpt = read_checkpoint(path)
     try:
-        hparams = ckpt["hyper_parameters"]
-        model_hparams = dict(hparams["model"])
-        # Saved before `block_out_norm` existed: those encoders end every block with a LayerNorm.
-        model_hparams.setdefault("block_out_norm", True)
-        unknown = sorted(set(model_hparams) - {f.name for f in fields(ModelConfig)})
-        if unknown:
-            raise UserError(
-                f"checkpoint '{path}' has model settings this version of speedasr does not know: "
-                f"{', '.join(unknown)} (saved by another version?)"
-            )
-        config = ModelConfig(**model_hparams)
+        config = saved_model_config(ckpt["hyper_parameters"]["model"], path)
         tokenizer = Tokenizer.from_state(ckpt["tokenizer"])
         state = {
             k.removeprefix("model."): v

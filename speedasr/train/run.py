@@ -211,13 +211,14 @@ def check_resume_checkpoint(path: str, model_cfg, tokenizer) -> None:
     that would run code when unpickled."""
     from dataclasses import asdict
 
-    from speedasr.checkpoint import read_checkpoint
+    from speedasr.checkpoint import read_checkpoint, saved_model_config
 
     ckpt = read_checkpoint(path)  # weights_only: refuses pickled payloads with a UserError
     saved = (ckpt.get("hyper_parameters") or {}).get("model")
     if not isinstance(saved, dict) or "state_dict" not in ckpt:
         raise UserError(f"'{path}' is not a speedasr training checkpoint")
-    now = asdict(model_cfg)
+    # Settings the checkpoint predates compare as the value its model was built with.
+    saved, now = asdict(saved_model_config(saved, path)), asdict(model_cfg)
     diff = [
         f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
         for k in sorted(set(now) | set(saved))
