@@ -18,9 +18,10 @@ import torch
 from lhotse import CutSet, Recording
 from lhotse.dataset import DynamicCutSampler
 
+from speedasr.data.audio import one_line
 from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset
-from speedasr.data.manifests import Reject, format_reason_counts, one_line
+from speedasr.data.manifests import Reject, format_reason_counts
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.decoding import DecodingOptions, decode_encoded
 from speedasr.errors import UserError
@@ -76,7 +77,7 @@ def iterate_batches(
 def cuts_from_audio(paths: Iterable[str], language: str = "en") -> CutSet:
     """One cut per audio file, its id the path as given (two files of one name in different
     folders stay apart), at the file's own rate and channels: the dataset resamples to 16 kHz and
-    averages the channels (``speedasr.data.dataset.load_model_audio``). ``UserError`` if a file
+    averages the channels (``speedasr.data.audio.load_model_audio``). ``UserError`` if a file
     does not exist or its header cannot be read."""
     from lhotse import SupervisionSegment
 

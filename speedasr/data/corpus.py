@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from speedasr.data.audio import SAMPLE_RATE
 from speedasr.data.sentences import SentenceGenerator
 from speedasr.errors import UserError
 
 SPLITS = ("train", "dev", "test")
-SAMPLE_RATE = 16000
 GENERATOR_VERSION = 1  # bump when the planner or synthesis changes the output for a given seed
 
 # Long-tailed target durations, like read speech (LibriSpeech-like): lognormal, resampled when

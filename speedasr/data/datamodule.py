@@ -17,8 +17,9 @@ import torch
 from lhotse import CutSet
 from lhotse.dataset import DynamicCutSampler
 
+from speedasr.data.audio import AudioLoadError
 from speedasr.data.batch import PackedBatch, PaddedBatch
-from speedasr.data.dataset import AsrDataset, AudioLoadError, SpecAugmentConfig
+from speedasr.data.dataset import AsrDataset, SpecAugmentConfig
 from speedasr.data.manifests import ValidationReport, load_cuts, validate_cuts
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer

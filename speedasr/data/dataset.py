@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from lhotse import CutSet
 from lhotse.cut import Cut
 from lhotse.dataset import SpecAugment
 from lhotse.features import Fbank, FbankConfig
 
+from speedasr.data.audio import SAMPLE_RATE, AudioLoadError, load_model_audio
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
-from speedasr.data.manifests import cut_recordings, one_line
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.nn.segments import Segments
 
 log = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
 
 
 @dataclass
@@ -145,50 +141,3 @@ class AsrDataset(torch.utils.data.Dataset):
         if self.spec_augment is not None:
             x = self.spec_augment(x[None])[0]
         return x
-
-
-# --- audio loading: any sampling rate, any channel count -> the model's 16 kHz mono ------------
-
-
-class AudioLoadError(Exception):
-    """A cut's audio cannot be turned into model input. ``reason`` is one of
-    ``speedasr.data.manifests.REASONS`` (``missing_audio``, ``corrupt_audio``,
-    ``non_finite_samples``), ``detail`` one line for humans."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-    @classmethod
-    def from_exception(cls, e: Exception, reason: str = "corrupt_audio") -> AudioLoadError:
-        return cls(reason, one_line(e))
-
-
-def load_model_audio(cut: Cut, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """``(1, samples)`` float32 audio of ``cut`` as the model hears it: at ``sampling_rate`` Hz
-    and mono, whatever the file's rate and channels.
-
-    Resampling is lhotse's (``cut.resample``: its ``Resample`` transform, which runs scipy's
-    polyphase filter ``scipy.signal.resample_poly`` when torchaudio is not installed). Several
-    channels are downmixed to their mean (the average of the channels, not their sum, so the
-    level stays that of one channel). Raises ``AudioLoadError``: ``missing_audio`` (a file source
-    that does not exist), ``corrupt_audio`` (any decoding or resampling failure),
-    ``non_finite_samples`` (NaN/inf in the decoded samples).
-    """
-    for recording in cut_recordings(cut):
-        for source in recording.sources:
-            if source.type == "file" and not Path(source.source).is_file():
-                raise AudioLoadError("missing_audio", f"no file '{source.source}'")
-    if cut.sampling_rate != sampling_rate:
-        cut = cut.resample(sampling_rate)
-    try:
-        audio = cut.load_audio()
-    except Exception as e:  # lhotse wraps every backend's failure in its own error
-        raise AudioLoadError.from_exception(e) from None
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1, audio.shape[-1])
-    if audio.shape[0] > 1:
-        audio = audio.mean(axis=0, keepdims=True)
-    bad = int(audio.size - np.isfinite(audio).sum())
-    if bad:
-        raise AudioLoadError("non_finite_samples", f"{bad} NaN/inf samples")
-    return audio

@@ -28,11 +28,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speedasr.data.audio import SAMPLE_RATE
 from speedasr.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-METADATA_SAMPLE_RATE = 16000
 # Source path of metadata-only recordings: a relative path that is never created by anything.
 METADATA_ONLY_PREFIX = "<metadata-only: no audio>/"
 METADATA_ONLY_SOURCE = METADATA_ONLY_PREFIX + "{id}"
@@ -66,13 +66,13 @@ def metadata_only_cut(cut_id: str, duration: float, text: str, language: str | N
     and texts. Loading its audio raises (the source path never exists)."""
     from lhotse import AudioSource, MonoCut, Recording, SupervisionSegment
 
-    num_samples = round(duration * METADATA_SAMPLE_RATE)
-    duration = num_samples / METADATA_SAMPLE_RATE
+    num_samples = round(duration * SAMPLE_RATE)
+    duration = num_samples / SAMPLE_RATE
     source = AudioSource(type="file", channels=[0], source=METADATA_ONLY_SOURCE.format(id=cut_id))
     recording = Recording(
         id=cut_id,
         sources=[source],
-        sampling_rate=METADATA_SAMPLE_RATE,
+        sampling_rate=SAMPLE_RATE,
         num_samples=num_samples,
         duration=duration,
     )
@@ -197,7 +197,7 @@ def import_nemo(
     path: str | Path,
     language: str | None = "en",
     check_audio: bool = True,
-    sampling_rate: int = METADATA_SAMPLE_RATE,
+    sampling_rate: int = SAMPLE_RATE,
 ):
     """Cuts from a NeMo JSON-lines manifest. Returns ``(CutSet, ImportReport)``.
 
@@ -342,8 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sampling-rate",
         type=int,
-        default=METADATA_SAMPLE_RATE,
-        help="nemo --no-audio-check: sampling rate assumed for the audio (default 16000)",
+        default=SAMPLE_RATE,
+        help="nemo --no-audio-check: sampling rate assumed for the audio (default %(default)s)",
     )
     parser.add_argument("--rejects", default=None, help="write bad lines here (JSON lines)")
 

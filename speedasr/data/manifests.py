@@ -11,7 +11,7 @@ report. Checks, cheapest first:
   file, unreadable file, and sampling rate / length / channels disagreeing with the manifest.
   Reads a few KB per file, cached per file, so long recordings cut into segments are opened once;
 * ``check_audio="full"``: additionally loads each cut's samples as the model hears them (16 kHz
-  mono, through ``speedasr.data.dataset.load_model_audio``: cost, reading and resampling all the
+  mono, through ``speedasr.data.audio.load_model_audio``: cost, reading and resampling all the
   audio) and rejects what cannot be loaded that way and NaN/inf samples;
 * ``check_audio=False`` (``"none"``): metadata only, audio is never touched.
 
@@ -37,6 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from speedasr.data.audio import (
+    SAMPLE_RATE,
+    AudioLoadError,
+    cut_recordings,
+    load_model_audio,
+    one_line,
+)
 from speedasr.data.importers import METADATA_ONLY_PREFIX
 from speedasr.errors import UserError
 
@@ -148,8 +155,6 @@ class ValidationReport:
                 " (remote URLs or allowed command sources)."
             )
         if self.converted:
-            from speedasr.data.dataset import SAMPLE_RATE
-
             text += (
                 f" {self.converted} accepted cuts are not {SAMPLE_RATE / 1000:g} kHz mono: they are"
                 " resampled (lhotse) and their channels averaged when loaded."
@@ -184,16 +189,6 @@ class ValidationReport:
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
-
-
-def cut_recordings(cut) -> list:
-    """Recordings a cut reads audio from: its own, or those of every track of a mixed cut (none
-    for padding/feature-only cuts)."""
-    tracks = getattr(cut, "tracks", None)
-    if tracks is not None:  # MixedCut
-        return [rec for track in tracks for rec in cut_recordings(track.cut)]
-    recording = getattr(cut, "recording", None)
-    return [recording] if recording is not None else []
 
 
 def _is_command(source) -> bool:
@@ -280,8 +275,6 @@ def _check_header(recording, cache: dict) -> tuple[str, str] | None:
 
 def _check_samples(cut) -> tuple[str, str] | None:
     """Load the cut the way training and inference do (16 kHz mono); the reason if that fails."""
-    from speedasr.data.dataset import AudioLoadError, load_model_audio
-
     try:
         load_model_audio(cut)
     except AudioLoadError as e:
@@ -289,17 +282,8 @@ def _check_samples(cut) -> tuple[str, str] | None:
     return None
 
 
-def one_line(e: Exception, limit: int = 300) -> str:
-    """``Type: message`` on one line, at most ``limit`` characters (lhotse's loading errors span
-    many lines: a header, then one line per audio backend tried)."""
-    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    return f"{type(e).__name__}: {message}"[:limit]
-
-
 def is_model_format(cut) -> bool:
     """Whether the cut's audio is already what the model hears: 16 kHz, one channel."""
-    from speedasr.data.dataset import SAMPLE_RATE
-
     return cut.sampling_rate == SAMPLE_RATE and getattr(cut, "num_channels", 1) == 1
 
 

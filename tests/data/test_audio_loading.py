@@ -1,11 +1,12 @@
 """Audio at any sampling rate and channel count reaches the model as 16 kHz mono.
 
-``speedasr.data.dataset.load_model_audio`` is the one loading path of training, validation,
+``speedasr.data.audio.load_model_audio`` is the one loading path of training, validation,
 ``eval``, ``transcribe`` and ``data validate --check-audio full``. The reference for each file is
 the same tone generated at 16 kHz directly (never resampled): same length, same frequency, same
 level, and features close to the reference's.
 """
 
+import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +15,8 @@ import soundfile as sf
 import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 
-from speedasr.data.dataset import SAMPLE_RATE, AsrDataset, AudioLoadError, load_model_audio
+from speedasr.data.audio import SAMPLE_RATE, AudioLoadError, load_model_audio
+from speedasr.data.dataset import AsrDataset
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.testing import tiny_texts
 
@@ -119,3 +121,18 @@ def test_load_failures_name_their_reason(tmp_path, monkeypatch):
     with pytest.raises(AudioLoadError) as e:
         load_model_audio(low)
     assert e.value.reason == "corrupt_audio" and "scipy" in e.value.detail
+
+
+def test_audio_module_imports_neither_dataset_nor_manifests_and_is_the_one_sample_rate():
+    # The dataset and the manifest checks both load audio through speedasr.data.audio; an import
+    # of either from it would be a cycle. Synthesis and importers write/assume its rate: the same
+    # object, not another 16000 (int identity, since ints above 256 are not shared by Python).
+    code = (
+        "import sys, speedasr.data.audio as audio\n"
+        "loaded = {'speedasr.data.dataset', 'speedasr.data.manifests'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "import speedasr.data.corpus as corpus, speedasr.data.importers as importers\n"
+        "assert corpus.SAMPLE_RATE is importers.SAMPLE_RATE is audio.SAMPLE_RATE == 16000\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
