@@ -58,16 +58,25 @@ def load_model_audio(cut: Cut, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
     Resampling is lhotse's (``cut.resample``: its ``Resample`` transform, which runs scipy's
     polyphase filter ``scipy.signal.resample_poly`` when torchaudio is not installed). Several
     channels are downmixed to their mean (the average of the channels, not their sum, so the
-    level stays that of one channel). Raises ``AudioLoadError``: ``missing_audio`` (a file source
-    that does not exist), ``corrupt_audio`` (any decoding or resampling failure),
-    ``non_finite_samples`` (NaN/inf in the decoded samples).
+    level stays that of one channel). Raises ``AudioLoadError``: ``missing_audio`` (no recording,
+    or a file source that does not exist), ``corrupt_audio`` (any resampling or decoding failure,
+    e.g. a recording whose manifest duration is NaN), ``non_finite_samples`` (NaN/inf in the
+    decoded samples).
     """
-    for recording in cut_recordings(cut):
+    recordings = cut_recordings(cut)
+    if not recordings:  # lhotse would return None (or fail to resample): a feature-only cut
+        raise AudioLoadError("missing_audio", "the cut has no recording")
+    for recording in recordings:
         for source in recording.sources:
             if source.type == "file" and not Path(source.source).is_file():
                 raise AudioLoadError("missing_audio", f"no file '{source.source}'")
-    if cut.sampling_rate != sampling_rate:
-        cut = cut.resample(sampling_rate)
+    try:
+        if cut.sampling_rate != sampling_rate:
+            # lhotse computes the new length from the manifest here, before reading anything.
+            cut = cut.resample(sampling_rate)
+    except Exception as e:
+        detail = f"cannot resample {cut.sampling_rate} Hz to {sampling_rate} Hz: {one_line(e)}"
+        raise AudioLoadError("corrupt_audio", detail) from None
     try:
         audio = cut.load_audio()
     except Exception as e:  # lhotse wraps every backend's failure in its own error

@@ -8,6 +8,7 @@ level, and features close to the reference's.
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lhotse import CutSet, Recording, SupervisionSegment
 
 from speedasr.data.audio import SAMPLE_RATE, AudioLoadError, load_model_audio
 from speedasr.data.dataset import AsrDataset
+from speedasr.data.manifests import validate_cuts
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.testing import tiny_texts
 
@@ -121,6 +123,40 @@ def test_load_failures_name_their_reason(tmp_path, monkeypatch):
     with pytest.raises(AudioLoadError) as e:
         load_model_audio(low)
     assert e.value.reason == "corrupt_audio" and "scipy" in e.value.detail
+
+
+def cuts_lhotse_cannot_resample(tmp_path) -> dict:
+    """8 kHz cuts whose resampling fails in lhotse's ``cut.resample``, before any audio is read,
+    by the reason ``data validate`` must give them."""
+    from lhotse import MonoCut
+    from lhotse.features import Features
+
+    good = file_cut(tmp_path / "low.wav", tone(8000), 8000)
+    # A manifest whose recording duration is NaN: lhotse computes the new length from it.
+    odd_recording = replace(good.recording, duration=float("nan"))
+    features = Features(
+        type="fbank", num_frames=50, num_features=N_MELS, frame_shift=0.01, sampling_rate=8000,
+        start=0.0, duration=SECONDS, storage_type="numpy_files", storage_path=str(tmp_path),
+        storage_key="x.npy",
+    )  # fmt: skip
+    return {
+        "corrupt_audio": replace(good, id="odd", recording=odd_recording),
+        "missing_audio": MonoCut(
+            "no-recording", 0.0, SECONDS, 0, features=features, supervisions=good.supervisions
+        ),
+    }
+
+
+def test_a_cut_lhotse_cannot_resample_is_a_named_reject_not_a_traceback(tmp_path):
+    cuts = cuts_lhotse_cannot_resample(tmp_path)
+    for reason, cut in cuts.items():
+        with pytest.raises(AudioLoadError) as e:
+            load_model_audio(cut)
+        assert e.value.reason == reason, e.value
+    accepted, report = validate_cuts(CutSet.from_cuts(cuts.values()), check_audio="full")
+    assert len(accepted) == 0
+    assert {r.cut_id: r.reason for r in report.rejects} == {c.id: r for r, c in cuts.items()}
+    assert "cannot resample 8000 Hz to 16000 Hz" in report.rejects[0].detail
 
 
 def test_audio_module_imports_neither_dataset_nor_manifests_and_is_the_one_sample_rate():
