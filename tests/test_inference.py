@@ -123,3 +123,42 @@ def test_training_validation_decodes_with_the_shared_transcribe_batch():
 
     assert module.transcribe_batch is transcribe_batch
     assert Path(module.__file__).is_file()
+
+
+def test_transcribe_cuts_without_supervision_or_text(tmp_path, capsys):
+    # Cuts to transcribe need no transcript: one without supervision, one whose supervision has
+    # no text or language. Each transcribes as its audio file does (``cuts_from_audio``: empty
+    # text, English prompt). An untrained model will do: the transcripts only have to agree.
+    from dataclasses import asdict
+
+    from lhotse import CutSet
+
+    from speedasr.models.aed import AEDModel, ModelConfig
+    from speedasr.testing import tiny_texts
+
+    tokenizer = Tokenizer.train(tiny_texts(40, seed=1), tmp_path / "tok", vocab_size=96)
+    config = ModelConfig(
+        vocab_size=96, pad_id=tokenizer.pad_id, d_model=32, encoder_layers=1, encoder_heads=2,
+        decoder_layers=1, subsampling_channels=8, dropout=0.0, attention_backend="torch",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AEDModel(config)
+    ckpt = tmp_path / "untrained.ckpt"
+    torch.save({
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"model": asdict(config)}, "tokenizer": tokenizer.to_state(),
+    }, ckpt)  # fmt: skip
+    no_sup, no_text = make_tiny_cuts(tmp_path / "data", 2, seed=5)
+    no_sup = no_sup.with_id("no-supervision")
+    no_sup.supervisions = []
+    no_text.supervisions[0].text = no_text.supervisions[0].language = None
+    CutSet.from_cuts([no_sup, no_text]).to_file(tmp_path / "cuts.jsonl.gz")
+
+    code = main(["transcribe", "--ckpt", str(ckpt), "--cuts", str(tmp_path / "cuts.jsonl.gz"),
+                 "--quiet"])  # fmt: skip
+    printed = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert code == 0 and set(printed) == {no_sup.id, no_text.id}
+    audio = [c.recording.sources[0].source for c in (no_sup, no_text)]
+    assert main(["transcribe", "--ckpt", str(ckpt), "--quiet", *audio]) == 0
+    from_audio = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert [printed[no_sup.id], printed[no_text.id]] == [from_audio[a] for a in audio]

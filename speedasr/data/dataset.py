@@ -59,6 +59,19 @@ def decoder_sequences(
     return inputs, targets
 
 
+def reference_and_language(cut: Cut) -> tuple[str, str]:
+    """The reference text and the prompt language of ``cut``: its first supervision's.
+
+    Cuts to transcribe may have no supervision, or one without text or language (validation with
+    ``require_text=False`` lets them through): nothing to score, so the reference is ``""``, and
+    the language is ``"en"``. Training and eval reject cuts without text before they get here.
+    """
+    supervision = cut.supervisions[0] if cut.supervisions else None
+    if supervision is None:
+        return "", "en"
+    return supervision.text or "", supervision.language or "en"
+
+
 class AsrDataset(torch.utils.data.Dataset):
     """Maps a sampled ``CutSet`` to a batch. Use with a lhotse sampler and ``batch_size=None``.
 
@@ -106,8 +119,8 @@ class AsrDataset(torch.utils.data.Dataset):
                 log.warning("skipping cut %s: %s (%s)", cut.id, failure.reason, failure.detail)
                 skipped.append((cut.id, failure.reason, failure.detail))
                 continue
-            sup = cut.supervisions[0]
-            inp, tgt = decoder_sequences(self.tokenizer, sup.text, sup.language or "en")
+            text, language = reference_and_language(cut)
+            inp, tgt = decoder_sequences(self.tokenizer, text, language)
             feats.append(x)
             tokens.append(torch.tensor(inp, dtype=torch.int64))
             targets.append(torch.tensor(tgt, dtype=torch.int64))
@@ -124,7 +137,7 @@ class AsrDataset(torch.utils.data.Dataset):
             prompt_lengths=tuple(prompts),
             cut_ids=[c.id for c in kept],
             durations=tuple(c.duration for c in kept),
-            texts=[c.supervisions[0].text for c in kept],
+            texts=[reference_and_language(c)[0] for c in kept],
             skipped_cut_ids=tuple(cut_id for cut_id, _, _ in skipped),
             skipped_reasons=tuple((reason, detail) for _, reason, detail in skipped),
         )
