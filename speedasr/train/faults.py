@@ -104,17 +104,27 @@ class FaultMonitor(pl.Callback):
 class GracefulStop(pl.Callback):
     """SIGTERM or Ctrl-C (SIGINT) stop training after the current optimizer step, on every rank
     after the same one, with a checkpoint written to ``checkpoint_path`` from which ``--resume``
-    continues exactly. A second Ctrl-C interrupts at once (Lightning's KeyboardInterrupt path, no
-    checkpoint). ``exit_code`` is the shell's convention, 128 + the signal's number.
+    continues exactly. A signal before the first step (setup, sanity-check validation) stops the
+    run when training would start, with no checkpoint (``checkpoint_step`` stays None). A second
+    Ctrl-C interrupts this process at once (Lightning's KeyboardInterrupt path, no checkpoint;
+    under DDP other ranks see docs/training.md). ``exit_code`` is the shell's convention, 128 +
+    the signal's number.
 
     Why not Lightning's own SIGTERM handling: it raises ``SIGTERMException`` on each rank as soon
     as that rank's own flag is set, so ranks that got the signal a moment apart stop after
     different batches, and a checkpoint saved then (a collective) deadlocks. Here the handlers only
     note the signal; at the end of each batch whose optimizer step ran, the ranks all-reduce the
-    note and, if any rank got a signal, all raise ``SIGTERMException`` there. The checkpoint is
-    written while that exception passes ``on_exception``, before Lightning tears the run down, in
-    the same loop state as a step checkpoint. A process that started with a signal ignored (a
-    background job of a script ignores SIGINT) keeps ignoring it.
+    note and, if any rank got a signal, all set Lightning's SIGTERM flag there. Lightning checks
+    it once the step is over (every callback's batch-end hook has run, ModelCheckpoint's last, the
+    step's metrics are logged, a validation due at that step has run; at an epoch's last batch,
+    the epoch's end too) and raises ``SIGTERMException``. The checkpoint is written while that
+    exception passes ``on_exception``, in the state of a checkpoint written after that step.
+    (``trainer.should_stop`` would also finish the step, but it ends the epoch, so a resume would
+    skip the epoch's remaining batches, it forces a validation and ``min_steps`` overrides it.)
+
+    The handlers are ours from ``setup`` to the end of the fit, also while Lightning's own
+    SIGTERM handler would be installed. A process that started with a signal ignored (a background
+    job of a script ignores SIGINT) keeps ignoring it.
     """
 
     STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -125,21 +135,60 @@ class GracefulStop(pl.Callback):
         """The first stop signal this process received."""
         self.stopped_by: signal.Signals | None = None
         """The signal that stopped the run (on any rank); None while it runs."""
+        self.checkpoint_step: int | None = None
+        """The global step of the checkpoint written at the stop; None when none was written."""
+        self._stop_after_step = False
+        self._training = False
         self._previous_handlers: dict[signal.Signals, Any] = {}
         self._step_at_batch_start = 0
 
     @property
     def exit_code(self) -> int:
-        return 128 + int(self.stopped_by or signal.SIGTERM)
+        return 128 + int(self.stopped_by or self.received or signal.SIGTERM)
+
+    # --- signal handlers, from the fit's start to its end ------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.received = self.stopped_by = self.checkpoint_step = None
+        self._stop_after_step = self._training = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handlers = {
+                sig: handler
+                for sig in self.STOP_SIGNALS
+                if (handler := signal.getsignal(sig)) is not None  # None: not set from Python
+            }
+        self._take_signals(trainer)
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._take_signals(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Replaces Lightning's SIGTERM handler too; Lightning's teardown restores the handlers
-        # it found before the run.
+        self._take_signals(trainer)
+        self._training = True
+        if self._any_rank_received(trainer, pl_module):  # before the first step: nothing to save
+            raise SIGTERMException
+
+    def _take_signals(self, trainer) -> None:
+        """Installs our handlers. Called again after Lightning installed its SIGTERM handler
+        (between ``on_fit_start`` and the sanity check), which this one replaces."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in self.STOP_SIGNALS:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, signal.SIG_IGN if previous is signal.SIG_IGN else self._on_signal)
+        lightning = trainer._signal_connector  # Lightning 2.x internals, see _set_lightning_flag
+        # Lightning restores, at its teardown, the handlers it found when it installed its own:
+        # ours, since setup. Let it restore those from before the fit.
+        for sig in lightning._original_handlers.keys() & self._previous_handlers.keys():
+            lightning._original_handlers[sig] = self._previous_handlers[sig]
+        if lightning.received_sigterm:  # got by Lightning's handler before ours took over
+            lightning.received_sigterm = False
+            self._on_signal(signal.SIGTERM, None)
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.received is not None:
@@ -147,35 +196,62 @@ class GracefulStop(pl.Callback):
                 raise KeyboardInterrupt
             return
         self.received = signal.Signals(signum)
+        when = "after this step" if self._training else "before training starts"
         again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-        print(f"{self.received.name}: stopping after this step{again}", file=sys.stderr)
+        print(f"{self.received.name}: stopping {when}{again}", file=sys.stderr)
 
+    # --- the stop -------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # accumulating gradients: their sum is not in a checkpoint, go on
+        if self._any_rank_received(trainer, pl_module):
+            self._stop_after_step = True
+            _set_lightning_flag(trainer, True)  # Lightning stops once this step is over
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._stop_after_step:  # the validation due at the last step runs over all batches
+            _set_lightning_flag(trainer, False)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._stop_after_step:
+            _set_lightning_flag(trainer, True)
+
+    def _any_rank_received(self, trainer, pl_module) -> bool:
+        """Whether any rank got a stop signal (sets ``stopped_by``); a collective in DDP, so
+        every rank calls it at the same point."""
         received = torch.tensor([int(self.received or 0)])
         if trainer.world_size > 1:  # one decision for all ranks, at the same step
             received = trainer.strategy.reduce(received.to(pl_module.device), reduce_op="max")
         if int(received.item()):
             self.stopped_by = signal.Signals(int(received.item()))
-            raise SIGTERMException
+        return self.stopped_by is not None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and self.stopped_by is not None:
+        if isinstance(exception, SIGTERMException) and self._stop_after_step:
             trainer.save_checkpoint(str(self.checkpoint_path), weights_only=False)
+            self.checkpoint_step = trainer.global_step
+        self._restore_signals()  # Lightning does too, but only once it had installed its own
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers = {}
+        self._restore_signals()
 
     def message(self, step: int) -> str:
         """One line for the user: what stopped the run, and how to continue it."""
-        name = (self.stopped_by or signal.SIGTERM).name
+        name = signal.Signals(self.exit_code - 128).name
+        if self.checkpoint_step is None:
+            when = f"after step {step}" if self._stop_after_step else "before its first step"
+            return f"training stopped by {name} {when}; no checkpoint was written"
         return (
-            f"training stopped by {name} after step {step}; checkpoint {self.checkpoint_path} "
-            "(continue with --resume last)"
+            f"training stopped by {name} after step {self.checkpoint_step}; checkpoint "
+            f"{self.checkpoint_path} (continue with --resume last)"
         )
+
+
+def _set_lightning_flag(trainer, stop: bool) -> None:
+    """Sets the flag Lightning's own SIGTERM handler sets (``trainer.received_sigterm``, kept by
+    its signal connector, pytorch_lightning 2.x): its training loop raises ``SIGTERMException``
+    at the end of a step while the flag is set, and its validation loop after a batch."""
+    trainer._signal_connector.received_sigterm = stop

@@ -172,7 +172,8 @@ def stop_after(root: Path, out: str, stop: signal.Signals, batches_started: int,
     return finish(proc)
 
 
-def assert_clean_stop(rc: int, stderr: str, stop: signal.Signals, root: Path, out: str) -> None:
+def assert_clean_stop(rc: int, stderr: str, stop: signal.Signals, root: Path, out: str) -> int:
+    """Checks a stop's exit code, message and checkpoints; returns the step it stopped after."""
     assert rc == 128 + stop, stderr[-3000:]
     assert "Traceback" not in stderr and "DataLoader worker" not in stderr, stderr[-3000:]
     message = stderr.strip().splitlines()[-1]
@@ -181,15 +182,21 @@ def assert_clean_stop(rc: int, stderr: str, stop: signal.Signals, root: Path, ou
     step = int(message.split("after step ")[1].split(";")[0])
     ckpt = torch.load(root / out / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == step and 0 < step < STEPS
+    # every step is a checkpoint step (every_n_steps: 1): the stop's step has its own too
+    step_ckpt = torch.load(root / out / f"checkpoints/step{step}.ckpt", weights_only=True)
+    assert step_ckpt["global_step"] == step
+    return step
 
 
 @pytest.mark.slow
 def test_ctrl_c_sigterm_and_kill_leave_checkpoints_that_resume_exactly(full):
     """One run interrupted three times (its process group gets the signal, workers included),
-    each time continued with ``--resume last``: the end state is that of the uninterrupted run."""
+    continued from the step checkpoint written at the first stop, then with ``--resume last``:
+    the end state is that of the uninterrupted run."""
     rc, stderr = stop_after(full, "stopped", signal.SIGINT, 3)
-    assert_clean_stop(rc, stderr, signal.SIGINT, full, "stopped")
-    rc, stderr = stop_after(full, "stopped", signal.SIGTERM, 4, "--resume", "last")
+    step = assert_clean_stop(rc, stderr, signal.SIGINT, full, "stopped")
+    step_ckpt = str(full / f"stopped/checkpoints/step{step}.ckpt")
+    rc, stderr = stop_after(full, "stopped", signal.SIGTERM, 4, "--resume", step_ckpt)
     assert_clean_stop(rc, stderr, signal.SIGTERM, full, "stopped")
     rc, stderr = stop_after(full, "stopped", signal.SIGKILL, 4, "--resume", "last")
     assert rc == -signal.SIGKILL
