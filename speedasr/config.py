@@ -71,6 +71,9 @@ class CheckpointConfig:
     from. None: only at validation and at the end of each epoch."""
     keep: int = 2
     """Step checkpoints kept (the newest); -1 keeps all."""
+    overwrite: bool = False
+    """A run without ``resume`` may start in an out_dir whose checkpoints/ holds an earlier run's
+    checkpoints: they are deleted first. False: that is an error (they would be overwritten)."""
 
 
 @dataclass

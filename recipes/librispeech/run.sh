@@ -62,9 +62,9 @@ if [ "$STAGE" -le 6 ]; then
     "data.tokenizer=$DATA/tokenizer" "sampler.bins=$DATA/bins.json"
 fi
 if [ "$STAGE" -le 7 ]; then
-  step "7 train (resumes from $EXP/checkpoints/last.ckpt if it exists)"
+  step "7 train (resumes from the newest checkpoint in $EXP/checkpoints if there is one)"
   RESUME=()
-  [ -f "$EXP/checkpoints/last.ckpt" ] && RESUME=(--resume last)
+  compgen -G "$EXP/checkpoints/*.ckpt" > /dev/null && RESUME=(--resume last)
   speedasr train --config "$CONFIG" --config "$DATA/calibrated.yaml" --out_dir "$EXP" \
     "${COMMON[@]}" "${RESUME[@]}" "$@"
 fi

@@ -34,7 +34,8 @@ else
 fi
 
 step "3/4 train: $CONFIG -> $EXP"
-speedasr train --config "$CONFIG" --out_dir "$EXP" \
+# A re-run of the demo trains anew, replacing $EXP's checkpoints (with --resume last it continues).
+speedasr train --config "$CONFIG" --out_dir "$EXP" --checkpoint.overwrite=true \
   --data.train_cuts "$DATA/train_cuts.jsonl.gz" --data.dev_cuts "$DATA/dev_cuts.jsonl.gz" \
   --data.tokenizer "$TOKENIZER" "$@"
 

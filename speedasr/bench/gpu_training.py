@@ -370,6 +370,7 @@ def fsdp(ctx: StepContext) -> None:
                  "tokenizer": str(ctx.work / "tokenizer"),
                  "num_workers": 0 if ctx.dry_run else 2},
         "monitors": {"padding": True, "gpu": True, "throughput": True},
+        "checkpoint": {"overwrite": True},  # a rerun with the same --work starts anew
     }  # fmt: skip
     out_dir = ctx.work / "fsdp"
     out_dir.mkdir(parents=True, exist_ok=True)

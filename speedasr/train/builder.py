@@ -48,7 +48,8 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
         save_last=True,
         # A resumed run that writes a name again writes the same state (resume is exact), and
         # last.ckpt is always the newest state (GracefulStop writes it too): overwrite, rather
-        # than Lightning's last-v1.ckpt, step8-v1.ckpt, ...
+        # than Lightning's last-v1.ckpt, step8-v1.ckpt, ... A run that does not resume starts
+        # in an empty checkpoints/ (check_fresh_start).
         enable_version_counter=False,
     )
     checkpoints = [checkpoint]
@@ -105,6 +106,28 @@ def resolve_resume(resume: str | None, out_dir: Path) -> str | None:
     if not path.is_file():
         raise UserError(f"resume checkpoint '{path}' does not exist")
     return str(path)
+
+
+def check_fresh_start(out_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """A run that does not resume must not write into an ``out_dir/checkpoints`` that holds an
+    earlier run's checkpoints: they would be overwritten name by name (no version counter, see
+    ``build_callbacks``) and mixed with this run's, and ``resume: last`` could pick an old one.
+    A ``UserError`` naming the directory and the ways out, or with ``overwrite`` they are
+    deleted first."""
+    if resume is not None:
+        return
+    directory = out_dir / "checkpoints"
+    found = sorted(directory.glob("*.ckpt"))
+    if not found:
+        return
+    if not overwrite:
+        raise UserError(
+            f"'{directory}' holds {len(found)} checkpoint(s) of an earlier run and this run does "
+            "not resume: continue that run with --resume last, or train into another --out_dir "
+            "(or delete them), or set checkpoint.overwrite=true to delete them and start anew"
+        )
+    for path in found:
+        path.unlink(missing_ok=True)  # every rank runs this (DDP); none has written yet
 
 
 def check_trainer_settings(trainer_cfg) -> None:

@@ -60,7 +60,12 @@ def train(cfg) -> int:
     import pytorch_lightning as pl
     import torch
 
-    from speedasr.train.builder import build_callbacks, build_logger, resolve_resume
+    from speedasr.train.builder import (
+        build_callbacks,
+        build_logger,
+        check_fresh_start,
+        resolve_resume,
+    )
     from speedasr.train.module import AsrModule
     from speedasr.train.progress import limit_heap_arenas
 
@@ -71,6 +76,7 @@ def train(cfg) -> int:
         raise UserError("config key data.tokenizer is not set")
     check_trainer_config(cfg.trainer)
     out_dir = Path(cfg.out_dir)
+    check_fresh_start(out_dir, cfg.resume, cfg.checkpoint.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -107,7 +113,7 @@ def _fit_and_report(trainer, module, datamodule, ckpt, callbacks, monitors, out_
     # weights_only: a checkpoint from someone else cannot run code (speedasr's hold plain values).
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    except SIGTERMException:  # SIGTERM or Ctrl-C, after a step: GracefulStop saved it
+    except SIGTERMException:  # SIGTERM or Ctrl-C: GracefulStop saved a checkpoint if it says so
         stop = next(c for c in callbacks if isinstance(c, GracefulStop))
         if trainer.global_rank == 0:
             print(stop.message(trainer.global_step), file=sys.stderr)

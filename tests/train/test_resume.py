@@ -300,3 +300,34 @@ def test_resume_last_takes_the_newest_checkpoint(tmp_path):
         os.utime(ckpts / name, (mtime, mtime))
     assert resolve_resume("last", tmp_path) == str(ckpts / "step2000.ckpt")
     assert resolve_resume(str(ckpts / "last.ckpt"), tmp_path) == str(ckpts / "last.ckpt")
+
+
+def test_a_fresh_run_into_a_dir_with_checkpoints_is_one_line_naming_it(tmp_path, capfd):
+    from speedasr.cli import main
+
+    ckpts = tmp_path / "exp/checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "step40.ckpt").write_bytes(b"an earlier run")
+    rc = main([
+        "train", f"--out_dir={tmp_path / 'exp'}", "--data.train_cuts=cuts.jsonl.gz",
+        "--data.tokenizer=tok", "--trainer.max_steps=5",
+    ])  # fmt: skip
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert str(ckpts) in err[0] and "--resume last" in err[0] and "--out_dir" in err[0]
+    assert "checkpoint.overwrite=true" in err[0]
+    assert (ckpts / "step40.ckpt").read_bytes() == b"an earlier run"  # refused before any work
+
+
+def test_overwrite_deletes_an_earlier_runs_checkpoints_only_for_a_fresh_run(tmp_path):
+    from speedasr.train.builder import check_fresh_start
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in ("last.ckpt", "step40.ckpt", "step40-wer0.500.ckpt"):
+        (ckpts / name).write_bytes(b"an earlier run")
+    check_fresh_start(tmp_path, resume="last", overwrite=True)  # resuming: nothing to check
+    assert len(list(ckpts.iterdir())) == 3
+    check_fresh_start(tmp_path, resume=None, overwrite=True)
+    assert list(ckpts.iterdir()) == []
+    check_fresh_start(tmp_path, resume=None, overwrite=False)  # empty: a fresh start is fine
