@@ -18,7 +18,7 @@ REAL=../shared/data/real_lengths/commonvoice_id_train.tsv.gz
 
 echo "== training throughput: packed vs padded"
 speedasr bench throughput --cuts "$DATA/train_cuts.jsonl.gz" --tokenizer "$DATA/tokenizer" \
-  --budget-seconds 120 --steps 8 --repeats 3 --json "$OUT/throughput.json"
+  --budget-seconds 120 --steps 8 --repeats 5 --json "$OUT/throughput.json"
 
 echo "== inference RTFx: encoder/decoder splits"
 speedasr bench rtfx --cuts "$DATA/test_cuts.jsonl.gz" --tokenizer "$DATA/tokenizer" --json "$OUT/rtfx.json"
