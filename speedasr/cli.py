@@ -36,6 +36,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "padding"), "speedasr.bench.padding", "padding of batching strategies (metadata)"),
     (("bench", "throughput"), "speedasr.bench.throughput", "training throughput: packed vs padded"),
     (("bench", "rtfx"), "speedasr.bench.rtfx", "inference RTFx of encoder/decoder splits"),
+    (
+        ("bench", "alignment"),
+        "speedasr.bench.alignment",
+        "does the decoder learn to align (no audio)",
+    ),
     (("bench", "kernels"), "speedasr.kernels.bench", "attention kernel TFLOP/s (GPU)"),
     (("bench", "gpu"), "speedasr.bench.gpu", "the prepared GPU check: kernels, training, NVML"),
     (("profile",), "speedasr.profile.report", "summary and plots from training logs"),
