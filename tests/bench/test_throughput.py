@@ -48,6 +48,14 @@ def test_activation_bytes_grow_with_the_batch(setup):
     assert 0 < activation_bytes(model, small) < activation_bytes(model, large)
 
 
+def cli_args(root, out, repeats: int) -> list[str]:
+    """``bench throughput`` on the fixture's cuts with a tiny model, one batch per pass."""
+    return ["bench", "throughput", "--cuts", str(root / "cuts/cuts.jsonl.gz"), "--tokenizer",
+            str(root / "tok"), "--budget-seconds", "4", "--steps", "1", "--repeats", str(repeats),
+            "--set", "d_model=32", "encoder_layers=1", "encoder_heads=2", "decoder_layers=1",
+            "subsampling_channels=8", "--json", str(out)]  # fmt: skip
+
+
 def test_run_benchmark_and_cli_json(setup, tmp_path):
     root, tok, cuts, cfg = setup
     results = run_benchmark(cuts, tok, cfg, budget=4.0, steps=2, repeats=1, progress=lambda s: None)
@@ -56,11 +64,7 @@ def test_run_benchmark_and_cli_json(setup, tmp_path):
     assert results["random"].padding["padding_frames"] > 0
     assert all(r.audio_seconds_per_second > 0 for r in results.values())
     out = tmp_path / "tp.json"
-    args = ["bench", "throughput", "--cuts", str(root / "cuts/cuts.jsonl.gz"), "--tokenizer",
-            str(root / "tok"), "--budget-seconds", "4", "--steps", "1", "--repeats", "1",
-            "--set", "d_model=32", "encoder_layers=1", "encoder_heads=2", "decoder_layers=1",
-            "subsampling_channels=8", "--json", str(out)]  # fmt: skip
-    assert main(args) == 0
+    assert main(cli_args(root, out, repeats=1)) == 0
     data = json.loads(out.read_text())
     for k in ("random", "bucket2d", "packed"):
         assert {"audio_seconds_per_second", "peak_memory_bytes"} <= set(data["strategies"][k])
@@ -81,11 +85,7 @@ def test_passes_interleave_and_ratios_pair_repeats(setup, tmp_path, monkeypatch)
 
     root, *_ = setup
     out = tmp_path / "tp.json"
-    args = ["bench", "throughput", "--cuts", str(root / "cuts/cuts.jsonl.gz"), "--tokenizer",
-            str(root / "tok"), "--budget-seconds", "4", "--steps", "1", "--repeats", "3",
-            "--set", "d_model=32", "encoder_layers=1", "encoder_heads=2", "decoder_layers=1",
-            "subsampling_channels=8", "--json", str(out)]  # fmt: skip
-    assert main(args) == 0
+    assert main(cli_args(root, out, repeats=3)) == 0
     assert next(clock, None) is None  # exactly 9 timed passes
     data = json.loads(out.read_text())
     audio = {s: v["audio_seconds"] for s, v in data["strategies"].items()}
