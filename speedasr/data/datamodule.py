@@ -177,7 +177,7 @@ class AsrDataModule(pl.LightningDataModule):
             # extension modules that check for leaks at exit (triton's nanobind bindings, which
             # torch._dynamo imports with Lightning) would print ~30 lines of "leaked instances".
             # Forked workers leave through os._exit and keep their objects frozen.
-            atexit.register(gc.unfreeze)
+            _unfreeze_at_exit()
         # A private generator: otherwise every ``iter(loader)`` draws its worker base seed from
         # torch's global generator, which would shift dropout after a resume.
         return torch.utils.data.DataLoader(
@@ -290,6 +290,17 @@ def _ignore_stop_signals(worker_id: int) -> None:
     own when the main process is gone (torch checks)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_UNFREEZE_REGISTERED = False
+
+
+def _unfreeze_at_exit() -> None:
+    """Register ``gc.unfreeze`` to run at exit once per process (every loader freezes anew)."""
+    global _UNFREEZE_REGISTERED
+    if not _UNFREEZE_REGISTERED:
+        atexit.register(gc.unfreeze)
+        _UNFREEZE_REGISTERED = True
 
 
 def sampler_fingerprint(cfg: SamplerConfig) -> dict[str, Any]:
