@@ -4,7 +4,8 @@ A batch adapter is a function ``batch -> BatchLengths | None``: per-example inpu
 lengths (``None`` when the batch has no output sequence) and whether the batch is packed. Padded
 lengths come from the batch tensors when the adapter knows them, else default to the longest
 example. ``default_batch_lengths`` understands speedasr's ``PackedBatch``/``PaddedBatch``,
-``(x, x_lens)`` and ``(x, x_lens, y, y_lens)`` tuples, and dicts with length or mask keys.
+``(x, x_lens)`` and ``(x, x_lens, y, y_lens)`` tuples, dicts with length or mask keys, ESPnet's
+``(ids, dict)`` batches and icefall's (lhotse ``K2SpeechRecognitionDataset``) supervision dicts.
 
 Padding itself is counted by ``speedasr.data.padding`` (``BatchLengths.padding_stats``); this module
 only finds the lengths.
@@ -129,7 +130,9 @@ OUTPUT_LENGTH_KEYS = (
     "y_lens", "y_lengths", "target_lengths", "targets_lengths", "label_lengths", "labels_lengths",
     "token_lengths", "tokens_lengths", "text_lengths", "output_lengths", "tgt_lengths",
 )  # fmt: skip
-OUTPUT_TENSOR_KEYS = ("y", "targets", "target", "tokens", "labels", "decoder_input_ids", "tgt")
+OUTPUT_TENSOR_KEYS = (
+    "y", "targets", "target", "tokens", "labels", "decoder_input_ids", "tgt", "text",
+)  # fmt: skip
 LABEL_IGNORE_INDEX = -100
 """Padding value of ``labels`` in Hugging Face-style batches (and speedasr's ``IGNORE_INDEX``)."""
 
@@ -148,14 +151,68 @@ def default_batch_lengths(batch: Any) -> BatchLengths | None:
       ``OUTPUT_TENSOR_KEYS``), ``decoder_attention_mask``, or ``labels`` padded with -100.
       A ``cu_seqlens`` key marks a packed batch (input lengths are its differences);
       ``durations`` (seconds per example) is used when present.
+    - ESPnet's ``(utterance ids, dict)``: the dict as above (``speech``, ``speech_lengths``,
+      ``text``, ``text_lengths``).
+    - icefall's ``{"inputs": (B, T, F) or (B, T), "supervisions": {...}}`` (lhotse's
+      ``K2SpeechRecognitionDataset``): see ``icefall_batch_lengths``.
     """
     if hasattr(batch, "feature_segments") and hasattr(batch, "token_segments"):
         return _speedasr_batch(batch)
     if isinstance(batch, Mapping):
+        if isinstance(batch.get("supervisions"), Mapping):
+            return icefall_batch_lengths(batch)
         return _dict_batch(batch)
     if isinstance(batch, (tuple, list)):
+        if _is_espnet(batch):
+            return _dict_batch(batch[1])
         return _tuple_batch(batch)
     return None
+
+
+def _is_espnet(batch: Sequence[Any]) -> bool:
+    """ESPnet's collate output: ``(list of utterance ids, {name: tensor, name_lengths: ...})``."""
+    return (
+        len(batch) == 2
+        and isinstance(batch[0], (list, tuple))
+        and all(isinstance(u, str) for u in batch[0])
+        and isinstance(batch[1], Mapping)
+    )
+
+
+def icefall_batch_lengths(batch: Mapping[str, Any]) -> BatchLengths | None:
+    """Lengths of an icefall batch, as lhotse's ``K2SpeechRecognitionDataset`` collates it.
+
+    ``batch["inputs"]``: ``(B, T, F)`` features or ``(B, T)`` samples, padded to the longest cut.
+    ``batch["supervisions"]``: per supervision segment (S >= B), ``sequence_idx`` (its row in the
+    batch), ``start_frame`` + ``num_frames`` (feature inputs) or ``start_sample`` +
+    ``num_samples`` (audio inputs), and ``text`` (strings). A row's input length is the end of its
+    last supervision (``start + num``; with one supervision per cut, as icefall's recipes cut them,
+    that is the cut's length). Supervisions carry text, not token ids, so output lengths are None
+    (token axes absent); wrap this function and set ``output_lengths`` from your tokenizer to
+    count tokens.
+    """
+    sup, x = batch["supervisions"], batch.get("inputs")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return None
+    keys = [
+        k for k in (("start_frame", "num_frames"), ("start_sample", "num_samples")) if k[1] in sup
+    ]
+    if not keys:
+        return None
+    start_key, num_key = keys[0]
+    num = torch.as_tensor(sup[num_key])
+    ends = num + torch.as_tensor(sup[start_key], device=num.device) if start_key in sup else num
+    rows = sup.get("sequence_idx")
+    if rows is None:  # one supervision per row, in order
+        lengths = ends
+    else:
+        rows = torch.as_tensor(rows, device=ends.device).long()
+        # scatter keeps device tensors on the device: no synchronization (see PendingLengths)
+        lengths = torch.zeros(x.shape[0], dtype=ends.dtype, device=ends.device)
+        lengths = lengths.scatter_reduce(0, rows, ends, reduce="amax")
+    if lengths.dim() != 1 or lengths.shape[0] != x.shape[0]:
+        return None
+    return BatchLengths(input_lengths=lengths, input_padded_length=x.shape[1])
 
 
 def _speedasr_batch(batch: Any) -> BatchLengths:

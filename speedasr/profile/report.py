@@ -85,7 +85,8 @@ def load_metrics(path: Path) -> dict[str, Series]:
     if not series:
         raise UserError(
             f"'{path}' has no padding/, throughput/ or gpu/ metrics: add PaddingMonitor, "
-            "ThroughputMonitor and GPUUtilizationMonitor (speedasr.train.callbacks) to the Trainer"
+            "SpeechThroughputMonitor and GPUUtilizationMonitor (speedasr.train.callbacks) to the "
+            "Trainer"
         )
     return {k: sorted(v.items()) for k, v in series.items()}
 

@@ -113,12 +113,16 @@ def toy_flops(batch: Batch) -> float:
 def main(argv: list[str]) -> None:
     from pytorch_lightning.loggers import CSVLogger
 
-    from speedasr.train.callbacks import GPUUtilizationMonitor, PaddingMonitor, ThroughputMonitor
+    from speedasr.train.callbacks import (
+        GPUUtilizationMonitor,
+        PaddingMonitor,
+        SpeechThroughputMonitor,
+    )
 
     out = argv[0] if argv else "toy_logs"
     padding = PaddingMonitor(frame_shift=0.01)
     gpu = GPUUtilizationMonitor(0.002, source=FakeGPU())
-    speed = ThroughputMonitor(flops_per_batch=toy_flops, peak_flops=1.5e12, frame_shift=0.01)
+    speed = SpeechThroughputMonitor(flops_per_batch=toy_flops, peak_flops=1.5e12, frame_shift=0.01)
     trainer = pl.Trainer(
         max_steps=300,
         logger=CSVLogger(out, name="toy"),

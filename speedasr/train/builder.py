@@ -32,7 +32,7 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
     from speedasr.train.callbacks import (
         GPUUtilizationMonitor,
         PaddingMonitor,
-        ThroughputMonitor,
+        SpeechThroughputMonitor,
     )
     from speedasr.train.faults import FaultMonitor, GracefulStop
     from speedasr.train.progress import TrainingProgress
@@ -81,7 +81,7 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
     if cfg.monitors.gpu:
         monitors.append(GPUUtilizationMonitor())
     if cfg.monitors.throughput:
-        monitors.append(ThroughputMonitor())
+        monitors.append(SpeechThroughputMonitor())
     stop = GracefulStop(out_dir / "checkpoints" / "last.ckpt")
     callbacks = [
         progress, *checkpoints, stop, LearningRateMonitor(logging_interval="step"), *monitors,

@@ -3,11 +3,14 @@
 Drop them into a Trainer; they log through the Trainer's loggers every ``log_every_n_steps``
 training batches (the Trainer's setting unless given) and keep their run totals in checkpoints::
 
-    trainer = Trainer(callbacks=[PaddingMonitor(), GPUUtilizationMonitor(), ThroughputMonitor()])
+    trainer = Trainer(
+        callbacks=[PaddingMonitor(), GPUUtilizationMonitor(), SpeechThroughputMonitor()]
+    )
 
 Batches are read through a batch adapter (``speedasr.profile.batch_lengths``): the default one knows
-speedasr batches, ``(x, x_lens[, y, y_lens])`` tuples and dicts with length or mask keys; pass your
-own ``batch_lengths=fn`` for anything else. This module imports no speedasr model code.
+speedasr batches, ``(x, x_lens[, y, y_lens])`` tuples, dicts with length or mask keys, ESPnet's
+``(ids, dict)`` and icefall's ``supervisions`` batches; pass your own ``batch_lengths=fn`` for
+anything else. This module imports no speedasr model code.
 
 Metrics describe the process that logs (global rank 0): Lightning's loggers only write there.
 """
@@ -16,8 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,17 +39,46 @@ __all__ = [
     "BatchLengths",
     "BatchLengthsFn",
     "GPUUtilizationMonitor",
+    "PADDING_AXES",
     "PaddingMonitor",
-    "ThroughputMonitor",
+    "SpeechThroughputMonitor",
     "default_batch_lengths",
 ]
 
 SHAPES_FILE = "batch_shapes.jsonl"
 """Per-batch shape samples written by ``PaddingMonitor`` next to the logger's metrics file."""
 
+PADDING_AXES = {
+    "frames": "padding_frames",
+    "encoder_frames": "padding_encoder_frames",
+    "tokens": "padding_tokens",
+    "attention": "padding_attention",
+    "encoder_self_attention": "padding_attention_encoder",
+    "decoder_self_attention": "padding_attention_decoder",
+    "cross_attention": "padding_attention_cross",
+}
+"""Axes ``PaddingMonitor`` can report, and their ``PaddingStats.fractions()`` keys. ``attention``
+is the sum of the three attention kinds (score entries computed, a proxy for their FLOPs)."""
+DEFAULT_AXES = ("frames", "encoder_frames", "tokens", "attention")
+"""What an attention encoder-decoder computes (speedasr's models); name yours with ``axes=``."""
+_NEEDS_OUTPUTS = frozenset({"tokens", "decoder_self_attention", "cross_attention"})
+
 
 def _fmt_pct(x: float) -> str:
     return f"{100 * x:5.1f}%"
+
+
+def _check_axes(axes: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(axes, str):
+        axes = (axes,)
+    chosen = tuple(dict.fromkeys(axes))  # order kept, repeats dropped
+    unknown = [a for a in chosen if a not in PADDING_AXES]
+    if unknown or not chosen:
+        raise ValueError(
+            f"axes: {'unknown axis ' + repr(unknown[0]) if unknown else 'no axis given'}; "
+            f"choose from {', '.join(PADDING_AXES)}"
+        )
+    return chosen
 
 
 class PaddingMonitor(StepLogger):
@@ -53,16 +86,21 @@ class PaddingMonitor(StepLogger):
 
     Logged every ``log_every_n_steps`` batches (fractions 0-1, ``1 - real / computed``):
     ``padding/step/<axis>`` for the last batch, ``padding/window/<axis>`` over the last ``window``
-    batches and ``padding/total/<axis>`` over the run, for axes ``frames``, ``encoder_frames``,
-    ``tokens`` and ``attention`` (encoder self + decoder self + cross). Token axes are absent when
-    batches have no output sequence. Ratios are of sums (a long padded batch weighs more than a
-    short one), counted by ``speedasr.data.padding``.
+    batches and ``padding/total/<axis>`` over the run, for the ``axes`` your model has (default
+    ``frames``, ``encoder_frames``, ``tokens`` and ``attention``: encoder self + decoder self +
+    cross, as in an attention encoder-decoder). Axes that need outputs (``tokens``,
+    ``decoder_self_attention``, ``cross_attention``) are absent when batches have no output
+    sequence, and ``attention`` is then encoder self-attention only. Ratios are of sums (a long
+    padded batch weighs more than a short one), counted by ``speedasr.data.padding``.
 
     Every ``shape_sample_every``-th batch is also appended to ``batch_shapes.jsonl`` in the logger's
     directory (~150 bytes per line; ``speedasr profile`` draws the batch shape map from it).
 
     Args:
         batch_lengths: batch adapter; default ``default_batch_lengths``.
+        axes: what your model computes over, from ``PADDING_AXES``: e.g. ``("frames", "tokens")``
+            for an LSTM encoder-decoder without attention, ``("frames", "encoder_frames",
+            "encoder_self_attention")`` for a CTC conformer. Default ``DEFAULT_AXES``.
         window: batches in the windowed fraction.
         log_every_n_steps: logging interval in training batches; default the Trainer's.
         encoder_length: encoder frames of an input of T frames; default speedasr's 3 stride-2
@@ -77,6 +115,7 @@ class PaddingMonitor(StepLogger):
         self,
         batch_lengths: BatchLengthsFn | None = None,
         *,
+        axes: Iterable[str] = DEFAULT_AXES,
         window: int = 100,
         log_every_n_steps: int | None = None,
         encoder_length: Callable[[int], int] = encoder_length,
@@ -88,6 +127,7 @@ class PaddingMonitor(StepLogger):
         if window < 1 or shape_sample_every < 1:
             raise ValueError("window and shape_sample_every must be >= 1")
         self.batch_lengths = batch_lengths or default_batch_lengths
+        self.axes = _check_axes(axes)
         self.window = window
         self.encoder_length = encoder_length
         self.frame_shift = frame_shift
@@ -150,7 +190,8 @@ class PaddingMonitor(StepLogger):
     # --- results ---
 
     def fractions(self) -> dict[str, float]:
-        """Padding fraction (0-1) per axis over the run; token axes only if batches had outputs."""
+        """Padding fraction (0-1) per chosen axis over the run; axes that need outputs only if
+        batches had them."""
         return self._axes(self.totals)
 
     def summary(self) -> str:
@@ -160,38 +201,34 @@ class PaddingMonitor(StepLogger):
             return "Padding: no batches seen."
         f = s.fractions()
         layout = "/".join(sorted(self.layouts)) or "unknown"
-        lines = [
-            f"Padding over {s.batches:,} batches, {s.utterances:,} utterances ({layout}):",
-            f"  frames          {_fmt_pct(f['padding_frames'])}",
-            f"  encoder frames  {_fmt_pct(f['padding_encoder_frames'])}",
-        ]
-        if self.has_tokens:
-            lines += [
-                f"  tokens          {_fmt_pct(f['padding_tokens'])}",
-                f"  attention       {_fmt_pct(f['padding_attention'])}  (encoder self "
-                f"{_fmt_pct(f['padding_attention_encoder']).strip()}, decoder self "
-                f"{_fmt_pct(f['padding_attention_decoder']).strip()}, cross "
-                f"{_fmt_pct(f['padding_attention_cross']).strip()})",
-            ]
-        else:
-            lines += [
-                "  tokens          absent (batches have no output sequence)",
-                f"  attention       {_fmt_pct(f['padding_attention'])}  (encoder self only)",
-            ]
+        width = max(15, *(len(a) + 1 for a in self.axes))
+        lines = [f"Padding over {s.batches:,} batches, {s.utterances:,} utterances ({layout}):"]
+        for axis in self.axes:
+            name = axis.replace("_", " ")
+            if axis in _NEEDS_OUTPUTS and not self.has_tokens:
+                lines.append(f"  {name:<{width}} absent (batches have no output sequence)")
+                continue
+            line = f"  {name:<{width}} {_fmt_pct(f[PADDING_AXES[axis]])}"
+            if axis == "attention" and self.has_tokens:
+                line += (
+                    f"  (encoder self {_fmt_pct(f['padding_attention_encoder']).strip()}, "
+                    f"decoder self {_fmt_pct(f['padding_attention_decoder']).strip()}, "
+                    f"cross {_fmt_pct(f['padding_attention_cross']).strip()})"
+                )
+            elif axis == "attention":
+                line += "  (encoder self only)"
+            lines.append(line)
         return "\n".join(lines)
 
     # --- internals ---
 
     def _axes(self, stats: PaddingStats) -> dict[str, float]:
         f = stats.fractions()
-        axes = {
-            "frames": f["padding_frames"],
-            "encoder_frames": f["padding_encoder_frames"],
-            "attention": f["padding_attention"],
+        return {
+            axis: f[PADDING_AXES[axis]]
+            for axis in self.axes
+            if self.has_tokens or axis not in _NEEDS_OUTPUTS
         }
-        if self.has_tokens:
-            axes["tokens"] = f["padding_tokens"]
-        return axes
 
     def _metrics(self) -> dict[str, float]:
         if self._last is None:
@@ -368,8 +405,12 @@ class GPUUtilizationMonitor(StepLogger):
             self._nvml = None
 
 
-class ThroughputMonitor(StepLogger):
+class SpeechThroughputMonitor(StepLogger):
     """Real (non-padding) work per second of training, and model FLOPs utilization (MFU).
+
+    Named apart from Lightning's ``ThroughputMonitor`` (samples/s from the batch size, no notion
+    of padding); both can run in one Trainer. Before speedasr 0.2 this class was called
+    ``ThroughputMonitor`` too: that name still imports, with a deprecation warning.
 
     Logged over each logging interval (wall time of training batches, validation excluded, the
     device synchronized at the interval's end): ``throughput/batches_per_sec``,
@@ -377,7 +418,9 @@ class ThroughputMonitor(StepLogger):
     tokens; absent without outputs), ``audio_seconds_per_sec`` (when batches carry durations or
     ``frame_shift`` is set), ``flops_per_sec`` and ``mfu`` (when FLOPs are known), and
     ``throughput/train_seconds`` (training time so far). Rates are per device; multiply by the
-    world size for the job.
+    world size for the job. ``summary()`` and ``rates()`` give whole-run rates (run totals over
+    training time), which is lower than the median of the logged intervals (``speedasr
+    profile``) when some intervals are slow (start-up, data loading stalls).
 
     Args:
         batch_lengths: batch adapter; default ``default_batch_lengths``.
@@ -464,6 +507,16 @@ class ThroughputMonitor(StepLogger):
     def state_dict(self) -> dict[str, Any]:
         return {"totals": dict(self.totals), "has": sorted(self._has), "batches": self._batches}
 
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Checkpoints written before the rename keep this state under the old class name; move it
+        # to ours so that Lightning restores it (a state without "totals" is someone else's).
+        states = checkpoint.get("callbacks") or {}
+        old = states.get(_OLD_NAME)
+        if self.state_key not in states and isinstance(old, Mapping) and "totals" in old:
+            states[self.state_key] = states.pop(_OLD_NAME)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals = {k: float(state["totals"].get(k, 0.0)) for k in _COUNTERS}
         self._has = set(state["has"])
@@ -481,11 +534,12 @@ class ThroughputMonitor(StepLogger):
         return out
 
     def summary(self) -> str:
+        """One line for the end of a run: whole-run rates, i.e. run totals / training time."""
         r = self.rates()
         if not r:
             return "Throughput: no training batches timed."
         t = self.totals
-        parts = [f"{r['throughput/utterances_per_sec']:.1f} utt/s"]
+        parts = [f"{r['throughput/utterances_per_sec']:.1f} utterances/s"]
         parts.append(f"{r['throughput/frames_per_sec']:,.0f} real frames/s")
         if "throughput/tokens_per_sec" in r:
             parts.append(f"{r['throughput/tokens_per_sec']:,.0f} real tokens/s")
@@ -496,8 +550,8 @@ class ThroughputMonitor(StepLogger):
         if "throughput/mfu" in r:
             parts.append(f"MFU {100 * r['throughput/mfu']:.1f}%")
         return (
-            f"Throughput over {t['train_seconds']:.1f} s of training ({t['batches']:.0f} batches, "
-            f"per device): " + ", ".join(parts)
+            f"Throughput per device, whole run (run totals / {t['train_seconds']:.1f} s of "
+            f"training, {t['batches']:.0f} batches): " + ", ".join(parts)
         )
 
     # --- internals ---
@@ -553,3 +607,24 @@ class ThroughputMonitor(StepLogger):
 _COUNTERS = ("batches", "utterances", "frames", "tokens", "audio_seconds", "flops", "train_seconds")
 _RATES = ("batches", "utterances", "frames", "tokens", "audio_seconds", "flops")
 _OPTIONAL = ("tokens", "audio_seconds", "flops")
+
+
+_OLD_NAME = "ThroughputMonitor"
+_warned_old_name = False
+
+
+def __getattr__(name: str) -> Any:
+    """``ThroughputMonitor``: the old name of ``SpeechThroughputMonitor``, for one release."""
+    global _warned_old_name
+    if name != _OLD_NAME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not _warned_old_name:
+        _warned_old_name = True
+        warnings.warn(
+            "speedasr.train.callbacks.ThroughputMonitor is renamed SpeechThroughputMonitor (the "
+            "old name clashes with lightning.pytorch.callbacks.ThroughputMonitor) and will be "
+            "removed in speedasr 0.2",
+            FutureWarning,
+            stacklevel=2,
+        )
+    return SpeechThroughputMonitor

@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import CSVLogger
 from speedasr.cli import main
 from speedasr.profile.report import load_run, summarize
 from speedasr.profile.testing import FakeGPU, ToyModule, loader, random_batches, toy_flops
-from speedasr.train.callbacks import GPUUtilizationMonitor, PaddingMonitor, ThroughputMonitor
+from speedasr.train.callbacks import GPUUtilizationMonitor, PaddingMonitor, SpeechThroughputMonitor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
 
@@ -26,7 +26,7 @@ def toy_run(tmp_path_factory):
         callbacks=[
             padding,
             GPUUtilizationMonitor(0.002, source=FakeGPU()),
-            ThroughputMonitor(flops_per_batch=toy_flops, peak_flops=1.5e12, frame_shift=0.01),
+            SpeechThroughputMonitor(flops_per_batch=toy_flops, peak_flops=1.5e12, frame_shift=0.01),
         ],
         log_every_n_steps=10,
         enable_checkpointing=False,

@@ -22,7 +22,8 @@ from speedasr.nn.segments import Segments
 from speedasr.profile.batch_lengths import BatchLengths, default_batch_lengths
 from speedasr.profile.gpu import GIB, GPUSample, GPUSampler, UtilizationWindow
 from speedasr.profile.testing import FakeGPU, ToyModule, loader, padded_batch
-from speedasr.train.callbacks import GPUUtilizationMonitor, PaddingMonitor, ThroughputMonitor
+from speedasr.train import callbacks
+from speedasr.train.callbacks import GPUUtilizationMonitor, PaddingMonitor, SpeechThroughputMonitor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
 
@@ -128,7 +129,7 @@ def test_padding_monitor_writes_batch_shapes(tmp_path):
 def test_batches_without_outputs_report_token_axes_absent(tmp_path):
     batches = [padded_batch([2, 4]), padded_batch([1, 5, 2], padded_frames=6)]
     monitor = PaddingMonitor(encoder_length=identity)
-    speed = ThroughputMonitor()
+    speed = SpeechThroughputMonitor()
     trainer = fit(tmp_path, [monitor, speed], batches=batches)
     metrics = read_metrics(trainer)
     assert metrics[2]["padding/step/frames"] == pytest.approx(10 / 18)
@@ -153,6 +154,131 @@ def test_unrecognized_batches_warn_once_and_are_skipped(tmp_path):
 class _DictModule(ToyModule):
     def training_step(self, batch, batch_idx):
         return self.proj(next(iter(batch.values()))).mean()
+
+
+# Per-kind attention of BATCHES (from the comment above): real of computed
+ENCODER_SELF = (20 + 18 + 30, 32 + 18 + 108)
+CROSS = (14 + 12 + 11, 24 + 12 + 72)
+
+
+def test_padding_monitor_reports_only_the_axes_the_model_has(tmp_path):
+    """An LSTM encoder-decoder has no attention: it names its axes and sees no attention line."""
+    lstm = PaddingMonitor(axes=("frames", "tokens"), encoder_length=identity)
+    ctc = PaddingMonitor(
+        axes=("frames", "encoder_self_attention", "cross_attention"), encoder_length=identity
+    )
+    lstm_run = fit(tmp_path, [lstm])
+    ctc_run = fit(tmp_path, [ctc])
+    assert lstm.fractions() == pytest.approx({"frames": TOTAL[0], "tokens": TOTAL[1]})
+    assert "attention" not in lstm.summary() and "encoder frames" not in lstm.summary()
+    assert f"tokens          {100 * TOTAL[1]:5.1f}%" in lstm.summary()
+    assert ctc.fractions() == pytest.approx(
+        {
+            "frames": TOTAL[0],
+            "encoder_self_attention": 1 - ENCODER_SELF[0] / ENCODER_SELF[1],
+            "cross_attention": 1 - CROSS[0] / CROSS[1],
+        }
+    )
+    assert f"encoder self attention  {100 * (1 - 68 / 158):5.1f}%" in ctc.summary()
+    for trainer, axes in ((lstm_run, lstm.axes), (ctc_run, ctc.axes)):
+        logged = {k.rsplit("/", 1)[1] for m in read_metrics(trainer).values() for k in m}
+        assert logged == set(axes)
+
+
+def test_padding_axes_that_need_outputs_are_absent_without_them(tmp_path):
+    monitor = PaddingMonitor(axes=("frames", "cross_attention"), encoder_length=identity)
+    fit(tmp_path, [monitor], batches=[padded_batch([2, 4])])
+    assert monitor.fractions() == {"frames": 0.25}
+    assert "cross attention  absent (batches have no output sequence)" in monitor.summary()
+
+
+def test_padding_axes_are_checked():
+    with pytest.raises(ValueError, match="unknown axis 'attn'; choose from frames, "):
+        PaddingMonitor(axes=("frames", "attn"))
+    with pytest.raises(ValueError, match="no axis given"):
+        PaddingMonitor(axes=())
+    assert PaddingMonitor(axes="tokens").axes == ("tokens",)
+
+
+# --- ESPnet and icefall batches, as their collate functions build them ---
+
+
+def espnet_batch(speech_lengths, text_lengths):
+    """espnet2 ``common_collate_fn``: ``(uttids, {speech (B, T), speech_lengths, text (B, L)
+    padded with -1, text_lengths})``, raw 16 kHz waveforms."""
+    t, n = max(speech_lengths), max(text_lengths)
+    speech = torch.zeros(len(speech_lengths), t)
+    text = torch.full((len(text_lengths), n), -1, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(speech_lengths, text_lengths, strict=True)):
+        speech[i, :a] = 0.1
+        text[i, :b] = 5
+    ids = [f"utt{i}" for i in range(len(speech_lengths))]
+    return ids, {
+        "speech": speech,
+        "speech_lengths": torch.tensor(speech_lengths),
+        "text": text,
+        "text_lengths": torch.tensor(text_lengths),
+    }
+
+
+def icefall_batch(num_frames, start_frame=None, sequence_idx=None, rows=None, samples=False):
+    """lhotse ``K2SpeechRecognitionDataset`` (icefall): ``{"inputs": (B, T, F) features or
+    (B, T) samples, "supervisions": {sequence_idx, text, start_frame/num_frames or
+    start_sample/num_samples}}``; ``rows`` = B, ``T`` = the longest supervision end."""
+    start_frame = start_frame or [0] * len(num_frames)
+    sequence_idx = sequence_idx or list(range(len(num_frames)))
+    rows = rows or len(num_frames)
+    t = max(s + n for s, n in zip(start_frame, num_frames, strict=True))
+    unit = "sample" if samples else "frame"
+    return {
+        "inputs": torch.zeros(rows, t) if samples else torch.zeros(rows, t, 4),
+        "supervisions": {
+            "sequence_idx": torch.tensor(sequence_idx, dtype=torch.int32),
+            "text": ["some words"] * len(num_frames),
+            f"start_{unit}": torch.tensor(start_frame, dtype=torch.int32),
+            f"num_{unit}s": torch.tensor(num_frames, dtype=torch.int32),
+        },
+    }
+
+
+class _LayoutModule(ToyModule):
+    """Reads the input tensor of ESPnet and icefall batches."""
+
+    def training_step(self, batch, batch_idx):
+        x = batch[1]["speech"] if isinstance(batch, tuple | list) else batch["inputs"]
+        return self.proj(x[..., :1]).pow(2).mean()
+
+
+def test_espnet_batches_are_recognised(tmp_path):
+    # speech 16000+8000+4000 = 28000 real samples of 3 x 16000; text 7+3+5 = 15 of 3 x 7 tokens
+    batch = espnet_batch([16000, 8000, 4000], [7, 3, 5])
+    monitor = PaddingMonitor(axes=("frames", "tokens"))
+    speed = SpeechThroughputMonitor(frame_shift=1 / 16000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [monitor, speed], batches=[batch], module=_LayoutModule())
+    assert not [w for w in caught if "cannot read lengths" in str(w.message)]
+    assert monitor.fractions() == pytest.approx({"frames": 20000 / 48000, "tokens": 6 / 21})
+    assert (speed.totals["utterances"], speed.totals["tokens"]) == (3, 15)
+    assert speed.totals["audio_seconds"] == pytest.approx(28000 / 16000)
+
+
+def test_icefall_batches_are_recognised(tmp_path):
+    one_per_cut = icefall_batch([50, 20, 35])  # 105 real frames of 3 x 50
+    # two cuts, three supervisions: cut 0 holds frames 0-20 and 30-45 (ends at 45), cut 1 0-40
+    two_in_one = icefall_batch([20, 15, 40], start_frame=[0, 30, 0], sequence_idx=[0, 0, 1], rows=2)
+    monitor = PaddingMonitor(encoder_length=identity)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [monitor], batches=[one_per_cut, two_in_one], module=_LayoutModule())
+    assert not [w for w in caught if "cannot read lengths" in str(w.message)]
+    assert monitor.totals.utterances == 5
+    # frames: (105 + 45 + 40) real of 150 + 2 x 45 computed; supervisions hold text, not tokens
+    assert monitor.fractions()["frames"] == pytest.approx(1 - 190 / 240)
+    assert "tokens" not in monitor.fractions()
+
+    audio = default_batch_lengths(icefall_batch([16000, 4000], samples=True)).on_host()
+    assert audio == BatchLengths((16000, 4000), input_padded_length=16000)
 
 
 # --- default batch adapter ---
@@ -283,7 +409,7 @@ def test_gpu_monitor_with_fake_source_logs_aggregates(tmp_path):
 
 
 def test_throughput_counts_only_real_frames_and_tokens(tmp_path):
-    speed = ThroughputMonitor(
+    speed = SpeechThroughputMonitor(
         flops_per_batch=lambda b: 1e6 * float(b[1].sum()), peak_flops=1e9, frame_shift=0.01
     )
     trainer = fit(tmp_path, [speed], every=3)
@@ -303,7 +429,7 @@ def test_throughput_counts_only_real_frames_and_tokens(tmp_path):
 
 
 def test_throughput_flops_per_audio_second(tmp_path):
-    speed = ThroughputMonitor(flops_per_audio_second=1e9, peak_flops=1e12, frame_shift=0.01)
+    speed = SpeechThroughputMonitor(flops_per_audio_second=1e9, peak_flops=1e12, frame_shift=0.01)
     trainer = fit(tmp_path, [speed], every=3)
     assert speed.totals["flops"] == pytest.approx(0.2 * 1e9)
     m = read_metrics(trainer)[3]
@@ -311,7 +437,7 @@ def test_throughput_flops_per_audio_second(tmp_path):
         1e9
     )
     with pytest.raises(ValueError, match="not both"):
-        ThroughputMonitor(flops_per_batch=len, flops_per_audio_second=1.0)
+        SpeechThroughputMonitor(flops_per_batch=len, flops_per_audio_second=1.0)
 
 
 class _FlopsModule(ToyModule):
@@ -320,7 +446,7 @@ class _FlopsModule(ToyModule):
 
 
 def test_throughput_uses_module_flops_and_excludes_validation_time(tmp_path):
-    speed = ThroughputMonitor(peak_flops=1e6)
+    speed = SpeechThroughputMonitor(peak_flops=1e6)
     module = _FlopsModule(val_seconds=0.5)
     trainer = pl.Trainer(
         max_epochs=2,
@@ -343,12 +469,51 @@ def test_throughput_uses_module_flops_and_excludes_validation_time(tmp_path):
 # --- checkpoints ---
 
 
+def test_old_throughput_monitor_name_warns_once_and_is_the_new_class(monkeypatch):
+    monkeypatch.setattr(callbacks, "_warned_old_name", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from speedasr.train.callbacks import ThroughputMonitor
+        from speedasr.train.callbacks import ThroughputMonitor as again
+    assert ThroughputMonitor is again is SpeechThroughputMonitor
+    deprecations = [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(deprecations) == 1 and "renamed SpeechThroughputMonitor" in str(
+        deprecations[0].message
+    )
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        callbacks.Nope  # noqa: B018
+
+
+def test_runs_beside_lightnings_throughput_monitor(tmp_path):
+    speed = SpeechThroughputMonitor()
+    lightning = pl.callbacks.ThroughputMonitor(batch_size_fn=lambda batch: len(batch[1]))
+    trainer = fit(tmp_path, [speed, lightning])
+    assert speed.totals["utterances"] == 7
+    ckpt = tmp_path / "both.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert "SpeechThroughputMonitor" in torch.load(ckpt, weights_only=False)["callbacks"]
+
+
+def test_checkpoint_from_before_the_rename_resumes_its_totals(tmp_path):
+    first = SpeechThroughputMonitor()
+    trainer = fit(tmp_path, [first])
+    ckpt = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=False)
+    states = checkpoint["callbacks"]
+    states["ThroughputMonitor"] = states.pop("SpeechThroughputMonitor")  # as 0.1 wrote it
+    torch.save(checkpoint, ckpt)
+    second = SpeechThroughputMonitor()
+    fit(tmp_path, [second], max_steps=6, ckpt_path=ckpt)
+    assert second.totals["batches"] == 6 and second.totals["utterances"] > 7
+
+
 def test_monitors_resume_from_checkpoint(tmp_path):
     def monitors():
         return (
             PaddingMonitor(encoder_length=identity),
             GPUUtilizationMonitor(0.002, source=FakeGPU()),
-            ThroughputMonitor(),
+            SpeechThroughputMonitor(),
         )
 
     first = monitors()
@@ -356,7 +521,7 @@ def test_monitors_resume_from_checkpoint(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     states = torch.load(ckpt, weights_only=False)["callbacks"]
-    assert {"PaddingMonitor", "GPUUtilizationMonitor", "ThroughputMonitor"} <= set(states)
+    assert {"PaddingMonitor", "GPUUtilizationMonitor", "SpeechThroughputMonitor"} <= set(states)
 
     second = monitors()
     # Steps that take 10 ms give the 2 ms sampler thread time to sample even on a loaded machine.
