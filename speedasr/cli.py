@@ -38,6 +38,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "throughput"), "speedasr.bench.throughput", "training throughput: packed vs padded"),
     (("bench", "rtfx"), "speedasr.bench.rtfx", "inference RTFx of encoder/decoder splits"),
     (
+        ("bench", "convergence"),
+        "speedasr.bench.convergence",
+        "time to a target dev WER: packed vs padded batching",
+    ),
+    (
         ("bench", "alignment"),
         "speedasr.bench.alignment",
         "does the decoder learn to align (no audio)",
