@@ -1,5 +1,7 @@
 """`speedasr eval --ckpt CKPT --cuts CUTS`: WER and RTFx, with a per-utterance results file.
 
+WER: `speedasr.metrics` (a standard normaliser chosen by ``--normalizer``, jiwer's alignment), with
+its substitutions, deletions, insertions and hits, for the corpus and for each utterance.
 RTFx = seconds of audio / wall seconds, measured twice: end to end (audio loading, features,
 encoder, decoding) and model only (encoder + decoding, what ``speedasr bench rtfx`` compares).
 """
@@ -15,7 +17,13 @@ from pathlib import Path
 from speedasr.data.manifests import Reject, format_reason_counts, reason_counts
 from speedasr.errors import UserError
 from speedasr.inference import add_decoding_arguments
-from speedasr.metrics import normalize_text, word_error_rate
+from speedasr.metrics import (
+    DEFAULT_NORMALIZER,
+    NORMALIZERS,
+    WordErrors,
+    corpus_word_errors,
+    normalize_text,
+)
 
 
 @dataclass
@@ -31,8 +39,12 @@ class EvalResult:
     skipped: list[Reject] = field(default_factory=list)
     """Cuts left out because their audio failed to load, with the reason (in cut order)."""
 
-    def wer(self, lowercase: bool = True, strip_punctuation: bool = True) -> float:
-        return word_error_rate(self.refs, self.hyps, lowercase, strip_punctuation)
+    def word_errors(self, normalizer: str = DEFAULT_NORMALIZER) -> list[WordErrors]:
+        """Per-utterance alignment counts (in ``ids`` order); their sum is the corpus's."""
+        return corpus_word_errors(self.refs, self.hyps, normalizer)
+
+    def wer(self, normalizer: str = DEFAULT_NORMALIZER) -> float:
+        return sum(self.word_errors(normalizer), WordErrors()).wer
 
 
 def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
@@ -79,10 +91,20 @@ def report_skipped(skipped: list[Reject], total: int, max_listed: int = 20) -> N
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt)")
     parser.add_argument("--cuts", required=True, help="lhotse cutset with reference transcripts")
-    parser.add_argument("--out", help="per-utterance results (JSONL: id, ref, hyp, wer)")
+    parser.add_argument(
+        "--out",
+        help="per-utterance results (JSONL: id, ref, hyp, wer, hits, substitutions, deletions, "
+        "insertions, reference_words)",
+    )
     parser.add_argument("--max-utterances", type=int, help="evaluate only the first N cuts")
-    parser.add_argument("--keep-case", action="store_true", help="do not lowercase for WER")
-    parser.add_argument("--keep-punctuation", action="store_true", help="keep punctuation for WER")
+    parser.add_argument(
+        "--normalizer",
+        choices=NORMALIZERS,
+        default=DEFAULT_NORMALIZER,
+        help="text normaliser applied to references and hypotheses before WER: whisper_en "
+        "(default: Whisper's English normaliser), basic (Whisper's language-independent one), "
+        "none (case and punctuation count); see docs/inference.md",
+    )
     parser.add_argument("--json", help="also write the summary (wer, rtfx, ...) to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_decoding_arguments(parser)
@@ -114,15 +136,16 @@ def run(args: argparse.Namespace) -> int:
             f"no utterance of '{args.cuts}' could be evaluated: all {total} cuts were skipped "
             f"({format_reason_counts(skipped)})"
         )
-    norm = dict(lowercase=not args.keep_case, strip_punctuation=not args.keep_punctuation)
-    wer = result.wer(**norm)
+    per_utterance = result.word_errors(args.normalizer)
+    errors = sum(per_utterance, WordErrors())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            for cut_id, ref, hyp in zip(result.ids, result.refs, result.hyps, strict=True):
-                row = {"id": cut_id, "ref": ref, "hyp": hyp,
-                       "wer": word_error_rate([ref], [hyp], **norm)}  # fmt: skip
-                f.write(json.dumps(row) + "\n")
+            rows = zip(result.ids, result.refs, result.hyps, per_utterance, strict=True)
+            for cut_id, ref, hyp, counts in rows:
+                f.write(
+                    json.dumps({"id": cut_id, "ref": ref, "hyp": hyp, **counts.to_dict()}) + "\n"
+                )
     rtfx = result.audio_seconds / max(result.wall_seconds, 1e-9)
     model_rtfx = result.audio_seconds / max(result.model_seconds, 1e-9)
     search = f"beam {options.beam_size}" if options.beam_size > 1 else "greedy"
@@ -130,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
     if options.ctc_weight > 0:
         search += f" joint with CTC (weight {options.ctc_weight:g})"
     print(
-        f"WER {100 * wer:.2f}% on {len(result.refs)} utterances "
+        f"WER {100 * errors.wer:.2f}% ({errors.substitutions} substitutions, {errors.deletions} "
+        f"deletions, {errors.insertions} insertions in {errors.reference_words} reference words; "
+        f"{args.normalizer} normalizer) on {len(result.refs)} utterances "
         f"({result.audio_seconds / 60:.1f} min of audio"
         + (f"; {len(skipped)} of {total} cuts skipped, listed above" if skipped else "")
         + f"); RTFx {rtfx:.1f} end to end "
@@ -139,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         summary = {
-            "wer": wer, "utterances": len(result.refs), "audio_seconds": result.audio_seconds,
+            **errors.to_dict(), "normalizer": args.normalizer, "utterances": len(result.refs),
+            "audio_seconds": result.audio_seconds,
             "wall_seconds": result.wall_seconds, "model_seconds": result.model_seconds,
             "rtfx": rtfx, "model_rtfx": model_rtfx, "beam_size": options.beam_size,
             "decoder": options.method, "ctc_weight": options.ctc_weight, "step": loaded.step,
@@ -149,5 +175,6 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     for ref, hyp in list(zip(result.refs, result.hyps, strict=True))[:3]:
-        print(f"  ref: {normalize_text(ref, **norm)}\n  hyp: {normalize_text(hyp, **norm)}")
+        ref, hyp = normalize_text(ref, args.normalizer), normalize_text(hyp, args.normalizer)
+        print(f"  ref: {ref}\n  hyp: {hyp}")
     return 0

@@ -10,11 +10,13 @@ import csv
 import json
 from pathlib import Path
 
+import jiwer
 import pytest
 import torch
 
 from speedasr.cli import main
 from speedasr.data.tokenizer import Tokenizer
+from speedasr.metrics import normalize_text
 from speedasr.testing import make_tiny_cuts
 
 STEPS = 30
@@ -64,10 +66,32 @@ def test_eval_reproduces_the_training_time_wer(trained, tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert summary["wer"] == pytest.approx(val_wer, abs=1e-6)
     assert summary["utterances"] == 8 and summary["rtfx"] > 0
+    assert summary["normalizer"] == "whisper_en"
     lines = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert len(lines) == 8 and set(lines[0]) == {"id", "ref", "hyp", "wer"}
+    counts = ("hits", "substitutions", "deletions", "insertions", "reference_words")
+    assert len(lines) == 8 and set(lines[0]) == {"id", "ref", "hyp", "wer", *counts}
     assert any(line["hyp"] for line in lines)  # a number from real hypotheses, not from silence
-    assert "WER" in capsys.readouterr().out
+    for line in lines:  # jiwer's own counts of the normalised pair
+        ref, hyp = normalize_text(line["ref"]), normalize_text(line["hyp"])
+        expected = jiwer.process_words(ref, hyp) if ref and hyp else None
+        if expected is not None:
+            assert [line[k] for k in counts[:4]] == [
+                expected.hits,
+                expected.substitutions,
+                expected.deletions,
+                expected.insertions,
+            ]
+        assert line["reference_words"] == len(ref.split())
+    for key in counts:  # the corpus counts are the utterances' sums
+        assert summary[key] == sum(line[key] for line in lines)
+    edits = summary["substitutions"] + summary["deletions"] + summary["insertions"]
+    assert summary["wer"] == pytest.approx(edits / summary["reference_words"])
+    printed = capsys.readouterr().out
+    assert (
+        f"({summary['substitutions']} substitutions, {summary['deletions']} deletions, "
+        f"{summary['insertions']} insertions in {summary['reference_words']} reference words; "
+        "whisper_en normalizer)"
+    ) in printed
 
 
 def test_transcribe_cutset_and_audio_files_agree(trained, tmp_path, capsys):
@@ -92,6 +116,20 @@ def test_beam_search_from_the_command_line(trained, tmp_path):
     assert main(["eval", "--ckpt", str(ckpt), "--cuts", str(cuts), "--json", str(out),
                  "--quiet", "--beam-size", "3", "--max-utterances", "3"]) == 0  # fmt: skip
     assert json.loads(out.read_text())["beam_size"] == 3
+
+
+def test_normalizer_flag(trained, tmp_path, capsys):
+    ckpt, cuts, _ = trained
+    out = tmp_path / "none.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--cuts", str(cuts), "--json", str(out), "--quiet",
+                 "--max-utterances", "2", "--normalizer", "none"]) == 0  # fmt: skip
+    summary = json.loads(out.read_text())
+    assert summary["normalizer"] == "none" and summary["utterances"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse's exit, before any work
+        main(["eval", "--ckpt", str(ckpt), "--cuts", str(cuts), "--normalizer", "en"])
+    assert exit_info.value.code == 2
+    assert "--normalizer: invalid choice: 'en'" in capsys.readouterr().err
 
 
 def test_eval_in_bfloat16(trained, tmp_path):
