@@ -270,3 +270,32 @@ def _with_nan(audio: np.ndarray) -> np.ndarray:
     audio = audio.copy()
     audio[len(audio) // 2] = np.nan
     return audio
+
+
+def write_untrained_checkpoint(out_dir: str | Path, seed: int = 0, **config) -> Path:
+    """``out_dir/untrained.ckpt``: a speedasr checkpoint of a tiny untrained model (random
+    weights from ``seed``; ``ModelConfig`` fields overridden by ``config``) with a 96-token
+    tokenizer trained on ``tiny_texts``, loadable by ``speedasr.load`` and every ``--ckpt``
+    command. Its transcripts are noise, but every decoding path must still agree on them."""
+    from dataclasses import asdict
+
+    import torch
+
+    from speedasr.data.tokenizer import Tokenizer
+    from speedasr.models.aed import AEDModel, ModelConfig
+
+    out_dir = Path(out_dir)
+    tokenizer = Tokenizer.train(tiny_texts(40, seed=1), out_dir / "tokenizer", vocab_size=96)
+    settings = dict(
+        vocab_size=96, pad_id=tokenizer.pad_id, d_model=32, encoder_layers=1, encoder_heads=2,
+        decoder_layers=1, subsampling_channels=8, dropout=0.0, attention_backend="torch",
+    )  # fmt: skip
+    model_config = ModelConfig(**{**settings, **config})
+    torch.manual_seed(seed)
+    model = AEDModel(model_config)
+    path = out_dir / "untrained.ckpt"
+    torch.save({
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"model": asdict(model_config)}, "tokenizer": tokenizer.to_state(),
+    }, path)  # fmt: skip
+    return path
