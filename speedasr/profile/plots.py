@@ -15,15 +15,20 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from speedasr.profile.report import PADDING_AXES, RunLogs, Series, duration_axis  # noqa: E402
+from speedasr.profile.report import RunLogs, Series, duration_axis, padding_axes  # noqa: E402
 
 COLORS = {
     "frames": "tab:blue",
     "encoder_frames": "tab:cyan",
     "tokens": "tab:orange",
     "attention": "tab:red",
+    "encoder_self_attention": "tab:purple",
+    "decoder_self_attention": "tab:brown",
+    "cross_attention": "tab:pink",
 }
 DPI = 110
+MARGIN = 0.03
+"""Batch shape map: room left on each side of the data, as a share of its range."""
 
 
 def _xy(series: Series, scale: float = 1.0) -> tuple[list[int], list[float]]:
@@ -39,14 +44,16 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def plot_padding(run: RunLogs, path: Path) -> Path | None:
     """Padding (%) per axis over steps: windowed lines, single-batch dots, run totals in legend."""
     axes = [
-        a for a in PADDING_AXES if run.get(f"padding/window/{a}") or run.get(f"padding/step/{a}")
+        a
+        for a in padding_axes(run)
+        if run.get(f"padding/window/{a}") or run.get(f"padding/step/{a}")
     ]
     if not axes:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
     top = 0.0
     for a in axes:
-        color, label = COLORS[a], a.replace("_", " ")
+        color, label = COLORS.get(a, "tab:gray"), a.replace("_", " ")
         steps, values = _xy(run.get(f"padding/step/{a}"), 100)
         ax.scatter(steps, values, s=6, color=color, alpha=0.25, linewidths=0)
         steps, values = _xy(run.get(f"padding/window/{a}"), 100)
@@ -76,8 +83,7 @@ def plot_batch_shapes(run: RunLogs, path: Path, bins: int = 24) -> Path | None:
     has_tokens = all(r.get("max_tokens") is not None for r in run.shapes)
     x = np.array(x)
     y = np.array([r["max_tokens"] for r in run.shapes], dtype=float) if has_tokens else sizes
-    x_edges = np.linspace(0, x.max() * 1.02 + 1e-9, bins + 1)
-    y_edges = np.linspace(0, y.max() * 1.02 + 1e-9, bins + 1)
+    x_edges, y_edges = _fitted_edges(x, bins), _fitted_edges(y, bins)
     counts, _, _ = np.histogram2d(x, y, bins=(x_edges, y_edges))
     xlabel = f"longest utterance in batch ({unit})"
     ylabel = "longest transcript in batch (tokens)" if has_tokens else "utterances per batch"
@@ -105,6 +111,18 @@ def plot_batch_shapes(run: RunLogs, path: Path, bins: int = 24) -> Path | None:
         ax.set_facecolor("#e4e4e4")  # empty cells: no batches
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _fitted_edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """Bin edges over the data's range plus ``MARGIN`` on each side: batches of one sampler sit
+    in a narrow band (e.g. 18-30 s), which an axis from 0 squeezes into a corner."""
+    lo, hi = float(values.min()), float(values.max())
+    if np.all(values == np.round(values)) and hi - lo + 1 <= bins:
+        # few distinct counts (batch sizes...): one cell per integer, centred on it
+        return np.arange(lo - 0.5, hi + 1.0)
+    span = hi - lo
+    pad = MARGIN * span if span > 0 else max(abs(hi) * 0.05, 0.5)  # one value: a window around it
+    return np.linspace(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad, bins + 1)
 
 
 def plot_throughput(run: RunLogs, path: Path) -> Path | None:

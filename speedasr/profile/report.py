@@ -20,7 +20,11 @@ from speedasr.errors import UserError
 METRICS_FILE = "metrics.csv"
 SHAPES_FILE = "batch_shapes.jsonl"  # same name as speedasr.train.callbacks.SHAPES_FILE
 PREFIXES = ("padding/", "throughput/", "gpu/")
-PADDING_AXES = ("frames", "encoder_frames", "tokens", "attention")
+PADDING_AXES = (
+    "frames", "encoder_frames", "tokens", "attention",
+    "encoder_self_attention", "decoder_self_attention", "cross_attention",
+)  # fmt: skip
+"""Display order of PaddingMonitor's axes (a run logs those its model has); others follow."""
 
 Series = list[tuple[int, float]]
 """(step, value) pairs, sorted by step."""
@@ -124,21 +128,45 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def padding_axes(run: RunLogs) -> list[str]:
+    """The padding axes a run logged, in ``PADDING_AXES`` order (unknown names last)."""
+    found = {k.split("/")[-1] for k in run.series if k.startswith("padding/")}
+    order = {a: i for i, a in enumerate(PADDING_AXES)}
+    return sorted(found, key=lambda a: (order.get(a, len(order)), a))
+
+
+def intervals_text(steps: list[int]) -> str:
+    """``"12 logging intervals of 10 steps"`` from the steps the intervals were logged at."""
+    spans = [b - a for a, b in zip([0, *steps], steps, strict=False)]
+    common = max(set(spans), key=spans.count)
+    irregular = [n for n in spans[1:-1] if n != common]  # first/last may be partial
+    size = f"{min(spans)}-{max(spans)}" if irregular else f"{common}"
+    plural = "s" if len(spans) != 1 else ""
+    return f"{len(spans)} logging interval{plural} of {size} steps"
+
+
 def summarize(run: RunLogs) -> str:
     """Plain-text summary of a run (what ``speedasr profile`` prints)."""
     steps = sorted({s for series in run.series.values() for s, _ in series})
     lines = [f"Profile of {run.metrics_path} (logged steps {steps[0]}-{steps[-1]})", ""]
 
     axes = [
-        a for a in PADDING_AXES if run.get(f"padding/total/{a}") or run.get(f"padding/window/{a}")
+        a
+        for a in padding_axes(run)
+        if run.get(f"padding/total/{a}") or run.get(f"padding/window/{a}")
     ]
     if axes:
         lines.append("Padding (share of computed positions that is padding):")
+        width = max(15, *(len(a) + 1 for a in axes))
         for a in axes:
             total, window = run.last(f"padding/total/{a}"), run.last(f"padding/window/{a}")
             name = a.replace("_", " ")
-            lines.append(f"  {name:<15} whole run {_pct(total):>6}   last window {_pct(window):>6}")
-        if "tokens" not in axes:
+            lines.append(
+                f"  {name:<{width}} whole run {_pct(total):>6}   last window {_pct(window):>6}"
+            )
+        if "tokens" not in axes and "attention" in axes:
+            # the default axes without outputs; a model that names its own axes and leaves tokens
+            # out (axes=...) has no tokens to call absent
             lines.append("  tokens          absent (batches have no output sequence)")
         lines.append("")
 
@@ -154,8 +182,10 @@ def summarize(run: RunLogs) -> str:
 
     if any(k.startswith("throughput/") for k in run.series):
         r = {k: run.median(f"throughput/{k}") for k in _THROUGHPUT_KEYS}
+        # every interval logs train_seconds, whatever else it knows
+        logged = run.get("throughput/train_seconds") or run.get("throughput/batches_per_sec")
         parts = [
-            f"{_num(r['utterances_per_sec'], ',.1f')} utt/s",
+            f"{_num(r['utterances_per_sec'], ',.1f')} utterances/s",
             f"{_num(r['frames_per_sec'])} real frames/s",
         ]
         if r["tokens_per_sec"] is not None:
@@ -168,11 +198,16 @@ def summarize(run: RunLogs) -> str:
             parts.append(f"MFU {_pct(r['mfu'])}")
         seconds = run.last("throughput/train_seconds")
         lines.append(
-            "Throughput per device (median over logging intervals"
-            + (f", {seconds:.0f} s of training" if seconds is not None else "")
-            + "):"
+            "Throughput per device, median of "
+            + (intervals_text([s for s, _ in logged]) if logged else "logging intervals")
+            + (f" ({seconds:.0f} s of training)" if seconds is not None else "")
+            + ":"
         )
         lines.append("  " + ", ".join(parts))
+        lines.append(
+            "  (SpeechThroughputMonitor.summary() gives whole-run rates, run totals / training "
+            "time: lower when some intervals are slow)"
+        )
         lines.append("")
 
     if run.get("gpu/utilization_mean"):

@@ -1,5 +1,6 @@
 """`speedasr profile`: summary and plots from a toy Lightning run that used the three callbacks."""
 
+import re
 import shutil
 
 import matplotlib.image
@@ -107,3 +108,51 @@ def test_profile_of_a_run_without_outputs(tmp_path, capsys):
         "batch_shapes.png",
         "padding.png",
     ]
+
+
+# Five logging intervals of 10 steps: (training seconds, utterances). The first is slow (start-up).
+INTERVALS = [(20.0, 40), (2.0, 100), (2.5, 100), (2.0, 90), (4.0, 120)]
+WHOLE_RUN = 450 / 30.5  # run totals / training time = 14.75 utterances/s
+MEDIAN = 40.0  # of the interval rates 2, 50, 40, 45, 30
+
+
+def test_whole_run_and_median_throughput_are_labelled_for_what_they_are(tmp_path, capsys):
+    """summary() and `speedasr profile` print different utterances/s; each label says which."""
+    metrics = tmp_path / "metrics.csv"
+    rows, elapsed = ["epoch,step,throughput/utterances_per_sec,throughput/train_seconds"], 0.0
+    for i, (seconds, utterances) in enumerate(INTERVALS, 1):
+        elapsed += seconds
+        rows.append(f"0,{10 * i},{utterances / seconds},{elapsed}")
+    metrics.write_text("\n".join(rows) + "\n")
+    assert main(["profile", "--metrics", str(metrics), "--out", str(tmp_path / "p")]) == 0
+    printed = capsys.readouterr().out
+    found = re.search(
+        r"Throughput per device, median of 5 logging intervals of 10 steps \(30 s of training\):"
+        r"\n  ([\d.]+) utterances/s",
+        printed,
+    )
+    assert found and float(found[1]) == MEDIAN
+
+    speed = SpeechThroughputMonitor()
+    totals = {"batches": 50, "utterances": 450, "train_seconds": elapsed}
+    speed.load_state_dict({"totals": totals, "has": [], "batches": 50})
+    found = re.search(
+        r"Throughput per device, whole run \(run totals / 30.5 s of training, 50 batches\): "
+        r"([\d.]+) utterances/s",
+        speed.summary(),
+    )
+    assert found and float(found[1]) == pytest.approx(WHOLE_RUN, abs=0.05)
+
+
+def test_profile_lists_the_axes_the_run_logged(tmp_path, capsys):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(
+        "epoch,step,padding/total/frames,padding/window/frames,"
+        "padding/total/encoder_self_attention,padding/window/encoder_self_attention\n"
+        "0,10,0.25,0.3,0.5,0.55\n"
+    )
+    assert main(["profile", "--metrics", str(metrics), "--out", str(tmp_path / "p")]) == 0
+    printed = capsys.readouterr().out
+    assert "  frames                  whole run  25.0%   last window  30.0%" in printed
+    assert "  encoder self attention  whole run  50.0%   last window  55.0%" in printed
+    assert "tokens" not in printed and "  attention" not in printed
