@@ -3,10 +3,17 @@
 `speedasr data import --format {nemo,tsv} --in FILE --out CUTS.jsonl.gz [--language en]`
 
 * ``nemo``: NeMo JSON-lines manifests, one ``{"audio_filepath", "duration", "text"}`` object per
-  line, optionally ``"offset"`` (seconds) and ``"lang"``/``"source_lang"``. Relative paths are
-  resolved against the manifest's folder. Recordings are built from each file's header (the file
-  must exist); with ``--no-audio-check`` they are built from the manifest alone (assumed
-  ``--sampling-rate``, 16 kHz by default, and length offset + duration), never touching audio.
+  line, optionally ``"offset"`` (seconds) and ``"lang"``. Canary-style lines are read too: the
+  transcript in ``"answer"`` (which wins over ``"text"``, as NeMo's Canary configs read
+  ``text_field: answer``), the language in ``"target_lang"`` (their ``lang_field``; it wins over
+  ``"lang"``, then ``"source_lang"``, then ``--language``), and ``"taskname"``/``"task"``,
+  ``"pnc"``. Lines asking for speech translation (a translation task, or source and target
+  languages that differ) are bad lines: speedasr transcribes. Every field the importer does not
+  consume is kept in ``cut.custom`` (NeMo's lhotse reader does the same), so ``pnc``,
+  ``source_lang``, ``target_lang``, ``taskname`` survive. Relative paths are resolved against the
+  manifest's folder. Recordings are built from each file's header (the file must exist); with
+  ``--no-audio-check`` they are built from the manifest alone (assumed ``--sampling-rate``, 16 kHz
+  by default, and length offset + duration), never touching audio.
 * ``tsv``: length profiles (``utt_id<TAB>duration_seconds<TAB>text`` with a header line, plain or
   gzipped, no quoting) as in ../shared/data/real_lengths. They have no audio: each cut gets a
   metadata-only recording (16 kHz, ``round(duration * 16000)`` samples) whose source is a path that
@@ -193,6 +200,49 @@ def _recording_id(audio: Path, root: Path, taken: dict[str, Path]) -> str:
     return rec_id
 
 
+# Canary's task names (NeMo's prompt formatter accepts these spellings), by what they ask for.
+NEMO_TRANSCRIPTION_TASKS = ("asr", "transcribe", "<|transcribe|>")
+NEMO_TRANSLATION_TASKS = ("ast", "translate", "s2t_translation", "<|translate|>")
+# Fields the importer turns into the cut itself; every other field of a line goes to cut.custom.
+NEMO_CUT_FIELDS = ("audio_filepath", "duration", "offset")
+
+
+def _language_code(value) -> str | None:
+    """``"en"`` from ``"en"`` or Canary's special-token spelling ``"<|en|>"``; None if absent."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    if value.startswith("<|") and value.endswith("|>"):
+        value = value[2:-2]
+    return value
+
+
+def _nemo_text_and_language(item: dict, default_language: str | None) -> tuple[str, str, str]:
+    """``(text field, text, language)`` of a NeMo or Canary line; ValueError names what is wrong."""
+    text_field = "answer" if "answer" in item else "text"
+    text = item.get(text_field)
+    if not isinstance(text, str) or not text.strip():
+        other = " (nor Canary's 'answer')" if text_field == "text" else ""
+        raise ValueError(f"missing or empty '{text_field}'{other}")
+    task = item.get("taskname", item.get("task"))
+    if task is not None and task not in NEMO_TRANSCRIPTION_TASKS:
+        if task in NEMO_TRANSLATION_TASKS:
+            raise ValueError(f"task {task!r} is speech translation; speedasr only transcribes")
+        known = ", ".join(NEMO_TRANSCRIPTION_TASKS + NEMO_TRANSLATION_TASKS)
+        raise ValueError(f"unknown task {task!r} (Canary's tasks: {known})")
+    source, target = (
+        _language_code(item.get("source_lang")),
+        _language_code(item.get("target_lang")),
+    )
+    if source and target and source != target:
+        raise ValueError(
+            f"source_lang {source!r} and target_lang {target!r} ask for speech translation; "
+            "speedasr only transcribes"
+        )
+    language = target or _language_code(item.get("lang")) or source or default_language
+    return text_field, text, language
+
+
 def import_nemo(
     path: str | Path,
     language: str | None = "en",
@@ -204,6 +254,7 @@ def import_nemo(
     check_audio: build recordings from file headers (missing/unreadable files are bad lines);
     when False, from the manifest alone with `sampling_rate`, reading no audio. Cut ids are the
     recording id, with ``-<start>-<end>`` (centiseconds) appended when the line has an offset.
+    Canary-style lines (``answer``, ``target_lang``...): see the module docstring.
     """
     from lhotse import AudioSource, CutSet, MonoCut, Recording, SupervisionSegment
 
@@ -231,7 +282,7 @@ def import_nemo(
         if not isinstance(item, dict):
             report.bad(line_no, "not a JSON object")
             continue
-        audio_field, text = item.get("audio_filepath"), item.get("text")
+        audio_field = item.get("audio_filepath")
         duration = _positive_seconds(item.get("duration"))
         offset = item.get("offset", 0.0) or 0.0
         if not isinstance(audio_field, str) or not audio_field:
@@ -240,8 +291,10 @@ def import_nemo(
         if duration is None:
             report.bad(line_no, f"'duration' {item.get('duration')!r} is not a positive number")
             continue
-        if not isinstance(text, str) or not text.strip():
-            report.bad(line_no, "missing or empty 'text'")
+        try:
+            text_field, text, lang = _nemo_text_and_language(item, language)
+        except ValueError as e:
+            report.bad(line_no, str(e))
             continue
         if not (isinstance(offset, (int, float)) and math.isfinite(offset) and offset >= 0):
             report.bad(line_no, f"'offset' {offset!r} is not a non-negative number")
@@ -283,7 +336,7 @@ def import_nemo(
             report.bad(line_no, f"duplicate entry (cut id {cut_id!r})")
             continue
         seen_cuts.add(cut_id)
-        lang = item.get("lang") or item.get("source_lang") or language
+        custom = {k: v for k, v in item.items() if k not in (*NEMO_CUT_FIELDS, text_field)}
         supervision = SupervisionSegment(
             id=cut_id,
             recording_id=recording.id,
@@ -300,6 +353,7 @@ def import_nemo(
             channel=0,
             recording=recording,
             supervisions=[supervision],
+            custom=custom or None,
         )
         cuts.append(cut)
     if not check_audio:
@@ -332,7 +386,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="input", required=True, help="input manifest")
     parser.add_argument("--out", required=True, help="output cut manifest (.jsonl.gz)")
     parser.add_argument(
-        "--language", default="en", help="language of the texts (NeMo 'lang' fields win)"
+        "--language",
+        default="en",
+        help="language of the texts (NeMo 'target_lang', 'lang', 'source_lang' fields win)",
     )
     parser.add_argument(
         "--no-audio-check",

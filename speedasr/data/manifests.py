@@ -29,6 +29,7 @@ either (unchecked).
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import json
 import math
@@ -85,6 +86,12 @@ def load_cuts(path: str | Path):
         cuts = CutSet.from_file(path)  # None for an empty file
         cuts = CutSet() if cuts is None else cuts.to_eager()
     except Exception as e:  # lhotse raises anything from gzip/json/KeyError/ValueError
+        if _is_nemo_manifest(path):
+            raise UserError(
+                f"cuts file '{path}' is a NeMo manifest (lines with 'audio_filepath'), not a lhotse"
+                f" cut manifest: convert it with 'speedasr data import --format nemo --in {path}"
+                " --out CUTS.jsonl.gz'"
+            ) from None
         detail = f"{type(e).__name__}: {e}".strip()[:300]
         raise UserError(
             f"cuts file '{path}' is not a readable lhotse cut manifest ({detail})"
@@ -92,6 +99,18 @@ def load_cuts(path: str | Path):
     if len(cuts) == 0:
         raise UserError(f"cuts file '{path}' contains no cuts")
     return cuts
+
+
+def _is_nemo_manifest(path: Path) -> bool:
+    """Whether the first line of ``path`` (plain or gzipped) is a NeMo manifest entry."""
+    try:
+        with path.open("rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rt", encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, EOFError, ValueError):
+        return False
+    return isinstance(first, dict) and "audio_filepath" in first
 
 
 @dataclass

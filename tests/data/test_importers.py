@@ -5,6 +5,7 @@ import pytest
 from lhotse.audio.utils import AudioLoadingError
 
 from speedasr.cli import main as cli_main
+from speedasr.data.dataset import reference_and_language
 from speedasr.data.importers import cuts_from_tsv, import_nemo, import_tsv
 from speedasr.data.manifests import load_cuts
 from speedasr.errors import UserError
@@ -126,6 +127,65 @@ def test_nemo_metadata_only_reads_no_audio(tmp_path):
     assert x.recording.sources[0].source == str((tmp_path / "a" / "x.wav").resolve())
     assert later.recording.duration == pytest.approx(4.0) == earlier.recording.duration
     assert x.supervisions[0].language == "en" and later.supervisions[0].language == "fr"
+
+
+def _canary_line(audio, answer, **fields):
+    """A Canary training-manifest line (NeMo's canary docs): ``answer``, languages, task, pnc."""
+    row = {"audio_filepath": str(audio), "duration": 0.5, "taskname": "asr", "source_lang": "en",
+           "target_lang": "en", "pnc": "yes", "answer": answer}  # fmt: skip
+    return json.dumps({**row, **fields})
+
+
+def test_nemo_canary_manifest(tmp_path):
+    tiny = make_tiny_cuts(tmp_path / "tiny", n=2, seed=4, durations=(1.0, 1.0))
+    a, b = (c.recording.sources[0].source for c in tiny)
+    path = tmp_path / "canary.json"
+    lines = [
+        _canary_line(a, "Hello, World."),
+        # answer wins over text (NeMo's canary configs read text_field: answer); the "<|de|>"
+        # special-token spelling is a language too; target_lang wins over lang
+        _canary_line(b, "Guten Tag.", text="guten tag", source_lang="<|de|>",
+                     target_lang="<|de|>", lang="en", pnc="no", taskname="transcribe"),
+        _canary_line(a, "Hallo Welt.", target_lang="de", offset=0.5),  # 3: en -> de
+        _canary_line(a, "Hallo Welt.", taskname="ast", source_lang="de", target_lang="de",
+                     offset=0.5),  # 4: a translation task
+        _canary_line(a, "x", taskname="summarize", offset=0.5),  # 5
+        _canary_line(a, " ", offset=0.5),  # 6: empty answer
+    ]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    cuts, report = import_nemo(path, language="fr")
+    assert [n for n, _ in report.bad_lines] == [3, 4, 5, 6]
+    problems = dict(report.bad_lines)
+    assert "source_lang 'en' and target_lang 'de' ask for speech translation" in problems[3]
+    assert "task 'ast' is speech translation" in problems[4]
+    assert "unknown task 'summarize'" in problems[5]
+    assert problems[6] == "missing or empty 'answer'"
+
+    path_out = tmp_path / "cuts.jsonl.gz"
+    cuts.to_file(path_out)
+    en, de = load_cuts(path_out)  # what training and eval read
+    assert reference_and_language(en) == ("Hello, World.", "en")
+    assert reference_and_language(de) == ("Guten Tag.", "de")
+    assert en.custom == {"taskname": "asr", "source_lang": "en", "target_lang": "en", "pnc": "yes"}
+    assert de.custom["text"] == "guten tag" and de.custom["pnc"] == "no"
+    assert de.custom["lang"] == "en" and de.custom["target_lang"] == "<|de|>"
+    assert en.load_audio().shape == (1, 8000)  # the line's 0.5 s of a 1 s file
+
+    only_translation = tmp_path / "ast.json"
+    only_translation.write_text(lines[3] + "\n")
+    with pytest.raises(
+        UserError, match="no usable lines.*line 1: task 'ast' is speech translation"
+    ):
+        import_nemo(only_translation)
+
+
+def test_nemo_line_without_text_or_answer(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"audio_filepath": "x.wav", "duration": 1.0}) + "\n")
+    with pytest.raises(
+        UserError, match="line 1: missing or empty 'text' \\(nor Canary's 'answer'\\)"
+    ):
+        import_nemo(path, check_audio=False)
 
 
 def test_cli_import(tmp_path, capsys):

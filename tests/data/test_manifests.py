@@ -142,6 +142,21 @@ def test_load_cuts_errors(tmp_path):
         load_cuts(empty)
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.json.gz"])
+def test_load_cuts_names_the_importer_for_a_nemo_manifest(tmp_path, name):
+    path = tmp_path / name
+    line = {"audio_filepath": "a.wav", "duration": 1.0, "answer": "hi", "target_lang": "en"}
+    with (gzip.open if name.endswith(".gz") else open)(path, "wt") as f:
+        f.write(json.dumps(line) + "\n")
+    with pytest.raises(UserError) as e:
+        load_cuts(path)
+    assert str(e.value) == (
+        f"cuts file '{path}' is a NeMo manifest (lines with 'audio_filepath'), not a lhotse cut "
+        f"manifest: convert it with 'speedasr data import --format nemo --in {path} --out "
+        "CUTS.jsonl.gz'"
+    )
+
+
 def test_cli_writes_report_and_accepted_cuts(seeded_cuts, tmp_path, capsys):
     cuts, bad, good, marker = seeded_cuts
     path = tmp_path / "cuts.jsonl.gz"
