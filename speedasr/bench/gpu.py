@@ -23,7 +23,7 @@ on one H100; a dry run gets its own, on CPU):
                             audio s/s, peak memory, MFU; NVML utilization and memory meanwhile
      40 s  calibrate        ``speedasr calibrate``'s search for 2 buckets (bf16-mixed)
      60 s  fsdp             ``speedasr train`` with ``trainer.strategy=fsdp`` on 1 GPU, 5 steps,
-                            GPUUtilizationMonitor and ThroughputMonitor on
+                            GPUUtilizationMonitor and SpeechThroughputMonitor on
 
 Total: 100 + 370 + ~10 s (start-up, summary) = 480 s. With a ready ``.venv`` setup takes ~0 s.
 

@@ -9,14 +9,14 @@ process (``speedasr.bench.gpu_step``), with a ``render_*`` function for its mark
   same initial weights, same budget, passes interleaved across all four configurations, ratios as
   medians of per-pass ratios. The canary-180m-flash preset in bf16-mixed precision (autocast).
   MFU: the real content's training FLOPs (``speedasr.models.sizing.count_flops``, as
-  ThroughputMonitor counts them, at the corpus's mean FLOPs per audio second) per second over the
-  card's dense bf16 peak (``BF16_PEAK_FLOPS``, else Lightning's table, else n/a). NVML (step 4)
-  samples utilization and memory over the timed passes through ``GPUSampler`` + ``NvmlSource``,
-  the parts ``GPUUtilizationMonitor`` is made of (the callback itself needs a Lightning Trainer;
-  it runs for real in ``fsdp``).
+  SpeechThroughputMonitor counts them, at the corpus's mean FLOPs per audio second) per second
+  over the card's dense bf16 peak (``BF16_PEAK_FLOPS``, else Lightning's table, else n/a). NVML
+  (step 4) samples utilization and memory over the timed passes through ``GPUSampler`` +
+  ``NvmlSource``, the parts ``GPUUtilizationMonitor`` is made of (the callback itself needs a
+  Lightning Trainer; it runs for real in ``fsdp``).
 - ``calibrate``: ``speedasr.train.calibrate``'s search (bf16-mixed, packed) for 2 buckets.
 - ``fsdp``: ``speedasr train`` with ``trainer.strategy=fsdp`` on one GPU for 5 steps with every
-  monitor on; GPUUtilizationMonitor's and ThroughputMonitor's logged metrics are reported.
+  monitor on; GPUUtilizationMonitor's and SpeechThroughputMonitor's logged metrics are reported.
 """
 
 from __future__ import annotations

@@ -200,13 +200,13 @@ def summarize(run: RunLogs) -> str:
         lines.append(
             "Throughput per device, median of "
             + (intervals_text([s for s, _ in logged]) if logged else "logging intervals")
-            + (f" ({seconds:.0f} s of training)" if seconds is not None else "")
+            + (f" ({seconds:.1f} s of training)" if seconds is not None else "")
             + ":"
         )
         lines.append("  " + ", ".join(parts))
         lines.append(
-            "  (SpeechThroughputMonitor.summary() gives whole-run rates, run totals / training "
-            "time: lower when some intervals are slow)"
+            "  (SpeechThroughputMonitor.summary() gives whole-run rates instead: run totals / "
+            "training time, each interval weighed by its duration)"
         )
         lines.append("")
 

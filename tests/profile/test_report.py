@@ -127,7 +127,7 @@ def test_whole_run_and_median_throughput_are_labelled_for_what_they_are(tmp_path
     assert main(["profile", "--metrics", str(metrics), "--out", str(tmp_path / "p")]) == 0
     printed = capsys.readouterr().out
     found = re.search(
-        r"Throughput per device, median of 5 logging intervals of 10 steps \(30 s of training\):"
+        r"Throughput per device, median of 5 logging intervals of 10 steps \(30.5 s of training\):"
         r"\n  ([\d.]+) utterances/s",
         printed,
     )
