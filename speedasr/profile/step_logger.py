@@ -63,7 +63,9 @@ class StepLogger(Callback):
         if lengths is None:
             self._warn_once(
                 "batch",
-                f"cannot read lengths from a {type(batch).__name__} batch; such batches are "
-                "not counted. Pass batch_lengths=fn (see speedasr.profile.batch_lengths).",
+                f"cannot read lengths from a {type(batch).__name__} batch (known layouts: "
+                "speedasr batches, (x, x_lens[, y, y_lens]) tuples, dicts with length or mask "
+                "keys, ESPnet (ids, dict), icefall {inputs, supervisions}); such batches are not "
+                "counted. Pass batch_lengths=fn (see speedasr.profile.batch_lengths).",
             )
         return lengths

@@ -68,7 +68,7 @@ class AsrModule(pl.LightningModule):
 
     # --- steps ------------------------------------------------------------------------------------
     def flops_per_batch(self, batch: PackedBatch | PaddedBatch) -> float:
-        """Training FLOPs of the real content of a batch (used by ThroughputMonitor for MFU)."""
+        """Training FLOPs of a batch's real content (SpeechThroughputMonitor's MFU reads it)."""
         return float(
             sum(
                 count_flops(self.model_cfg, t, n).training
