@@ -68,8 +68,12 @@ class ModelConfig:
     rope_base: float = 10000.0
     """Rotary embedding base (encoder and decoder self-attention)."""
     absolute_token_positions: bool = False
-    """Add fixed sinusoidal positions (÷ √width) to the decoder's token embeddings, then a
-    LayerNorm (Canary's decoder embedding); rotary stays in self-attention."""
+    """Add fixed sinusoidal positions (times ``token_position_scale``) to the decoder's token
+    embeddings, then a LayerNorm (Canary's decoder embedding); rotary stays in self-attention."""
+    token_position_scale: float | None = None
+    """Scale of the sinusoids added to the token embeddings: None is 1 / √width (Canary's: the
+    sinusoids are as large as the embeddings); 1.0 lets position dominate the embedding before
+    its LayerNorm (docs/training.md)."""
     absolute_memory_positions: bool = False
     """Add fixed sinusoidal positions to the encoder output that cross-attention reads, so the
     decoder can align tokens to frames by position as well as by content (docs/training.md)."""
@@ -97,6 +101,10 @@ class ModelConfig:
             (0.0 <= self.ctc_weight <= 1.0, "ctc_weight must be in [0, 1]"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (
+                self.token_position_scale is None or self.token_position_scale > 0,
+                "token_position_scale must be > 0 (or None: 1 / sqrt(width))",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -158,6 +166,7 @@ class AEDModel(nn.Module):
             heads=cfg.dec_heads, d_ff=cfg.ff_mult * cfg.dec_d_model, dropout=cfg.dropout,
             memory_dim=cfg.d_model, tie_embeddings=cfg.tie_embeddings, rope_base=cfg.rope_base,
             token_positions=cfg.absolute_token_positions,
+            token_position_scale=cfg.token_position_scale,
             memory_positions=cfg.absolute_memory_positions,
         )  # fmt: skip
         self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else None

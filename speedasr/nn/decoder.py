@@ -123,8 +123,9 @@ class TransformerDecoder(nn.Module):
     ``project_memory`` are the two entry points the KV cache shares with ``hidden``.
 
     Args:
-        token_positions: add sinusoidal positions ÷ √d to the token embeddings, then a LayerNorm
+        token_positions: add sinusoidal positions to the token embeddings, then a LayerNorm
             (NeMo's ``TransformerEmbedding``, as in Canary).
+        token_position_scale: what the sinusoids are multiplied by; None: 1 / √d (Canary's).
         memory_positions: add sinusoidal positions (unscaled: the encoder output is normalized to
             unit scale) to the encoder output, after the width projection.
     """
@@ -133,12 +134,16 @@ class TransformerDecoder(nn.Module):
         self, vocab_size: int, d_model: int, layers: int, heads: int, d_ff: int, dropout: float,
         memory_dim: int, tie_embeddings: bool = True, rope_base: float = 10000.0,
         token_positions: bool = False, memory_positions: bool = False,
+        token_position_scale: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
         self.embed_norm = nn.LayerNorm(d_model) if token_positions else None
         self.memory_positions = memory_positions
+        self.token_position_scale = (
+            d_model**-0.5 if token_position_scale is None else token_position_scale
+        )
         # Encoder and decoder widths may differ (canary-180m-flash: 512 -> 1024).
         self.memory_proj = nn.Linear(memory_dim, d_model) if memory_dim != d_model else None
         self.blocks = nn.ModuleList(
@@ -156,7 +161,7 @@ class TransformerDecoder(nn.Module):
         x = self.embed(tokens)
         if self.embed_norm is None:
             return x
-        table = sinusoidal_positions(positions, x.shape[-1]) / x.shape[-1] ** 0.5
+        table = sinusoidal_positions(positions, x.shape[-1]) * self.token_position_scale
         return self.embed_norm(x + table.to(x.dtype))
 
     def project_memory(self, memory: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -46,3 +46,16 @@ def test_positions_restart_per_utterance_and_reach_both_inputs():
         with_positions.hidden(tokens, layout, memory, layout),
         plain.hidden(tokens, layout, memory, layout),
     )
+
+
+def test_token_position_scale_multiplies_the_sinusoids_before_the_norm():
+    seg = Segments.from_lengths([4, 1])
+    tokens = torch.tensor([3, 9, 9, 2, 5])
+    unscaled = decoder(token_positions=True, token_position_scale=1.0)
+    raw = unscaled.embed(tokens) + sinusoidal_positions(torch.tensor([0, 1, 2, 3, 0]), 8)
+    expected = unscaled.embed_norm(raw)
+    torch.testing.assert_close(unscaled.embed_tokens(tokens, seg.positions), expected)
+    canary = decoder(token_positions=True)  # same weights (seed 0), default scale 1 / sqrt(8)
+    assert not torch.allclose(
+        canary.embed_tokens(tokens, seg.positions), unscaled.embed_tokens(tokens, seg.positions)
+    )
