@@ -3,11 +3,12 @@
 import io
 
 import pytest
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ProgressBar
 
 from speedasr import console
 from speedasr.config import TrainConfig
 from speedasr.train.builder import build_callbacks
+from speedasr.train.progress import LogProgressBar
 
 
 class Terminal(io.StringIO):
@@ -25,11 +26,14 @@ def test_bars_into_a_log_file_redraw_every_30_seconds():
 
 
 @pytest.mark.parametrize("terminal", [True, False])
-def test_training_bar_refreshes_every_100_steps_into_a_log_file(monkeypatch, tmp_path, terminal):
+def test_training_progress_into_a_log_file_is_a_line_every_100_steps(
+    monkeypatch, tmp_path, terminal
+):
     monkeypatch.setattr(console, "is_terminal", lambda stream=None: terminal)
     callbacks, _ = build_callbacks(TrainConfig(), tmp_path)
-    bars = [c for c in callbacks if isinstance(c, TQDMProgressBar)]
+    bars = [c for c in callbacks if isinstance(c, ProgressBar)]
     if terminal:
         assert bars == []  # Lightning's own bar, refreshed every step
-    else:
-        assert [b.refresh_rate for b in bars] == [console.LOG_REFRESH_STEPS]
+    else:  # plain lines (tests/train/test_log_progress.py)
+        assert [type(b) for b in bars] == [LogProgressBar]
+        assert bars[0].every_n_steps == console.LOG_REFRESH_STEPS

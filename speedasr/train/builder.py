@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 
 from speedasr.errors import UserError
@@ -35,7 +35,7 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
         SpeechThroughputMonitor,
     )
     from speedasr.train.faults import FaultMonitor, GracefulStop
-    from speedasr.train.progress import TrainingProgress
+    from speedasr.train.progress import LogProgressBar, TrainingProgress
 
     has_val = bool(cfg.data.dev_cuts)
     checkpoint = ModelCheckpoint(
@@ -87,8 +87,8 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
         progress, *checkpoints, stop, LearningRateMonitor(logging_interval="step"), *monitors,
     ]  # fmt: skip
     if cfg.trainer.enable_progress_bar and not is_terminal():
-        # Into a log file every redraw is appended: redraw every 100 steps, not several per second.
-        callbacks.append(TQDMProgressBar(refresh_rate=LOG_REFRESH_STEPS))
+        # Into a log file every redraw is appended: a plain line every 100 steps instead.
+        callbacks.append(LogProgressBar(every_n_steps=LOG_REFRESH_STEPS))
     return callbacks, monitors
 
 
