@@ -19,7 +19,7 @@ Backends: ``triton`` (this kernel), ``flash_attn`` (``flash_attn_varlen_func``, 
 
 Needs a CUDA GPU (it exits with an error otherwise). Example (see docs/kernels.md):
 
-    speedasr bench kernels --tokens 32768 --heads 16 --head-dim 64 128 --dtype bf16 \
+    speedasr bench kernels --tokens 32768 --heads 16 --head-dim 64 128 --dtype bfloat16 \
         --mask full causal --mode fwd fwd_bwd --json kernels.json
 """
 
@@ -39,9 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from speedasr.errors import UserError
+from speedasr.options import add_dtype_argument
 
 BACKENDS = ("triton", "flash_attn", "torch_varlen", "sdpa_padded")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_argument_group("attention shape")
     shape.add_argument("--heads", type=int, default=16)
     shape.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
-    shape.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    add_dtype_argument(shape, "bfloat16", "default bfloat16; bf16, fp16, fp32 also accepted")
     shape.add_argument("--mask", choices=("full", "causal"), nargs="+", default=["full", "causal"])
     run_ = parser.add_argument_group("what to time")
     run_.add_argument("--mode", choices=("fwd", "fwd_bwd"), nargs="+", default=["fwd", "fwd_bwd"])

@@ -4,16 +4,17 @@ A command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None
 ``main(argv) -> int | None`` when it parses its own arguments (``train``: typed configs).
 Modules are imported only when their command runs, so ``speedasr --help`` is instant and one
 command's heavy imports never slow another. Errors meant for the user (``UserError``) print as
-one line and exit with code 2.
+one line and exit with code 2. Flag conventions (dotted config overrides, ``--x-y`` / ``--x_y``,
+dtype names) live in ``speedasr.options`` and docs/cli.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from speedasr.errors import UserError
+from speedasr.options import ArgumentParser
 
 # (command words, implementing module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -57,7 +58,12 @@ def _usage() -> str:
     lines = ["usage: speedasr COMMAND [ARGS...]", "", "commands:"]
     for words, _, help_ in COMMANDS:
         lines.append(f"  {' '.join(words):<22} {help_}")
-    lines += ["", "Run `speedasr COMMAND --help` for a command's options."]
+    lines += [
+        "",
+        "Run `speedasr COMMAND --help` for a command's options. Config fields are set with",
+        "--SECTION.KEY=VALUE (e.g. --model.d_model=256) wherever a command takes them; see",
+        "docs/cli.md.",
+    ]
     return "\n".join(lines)
 
 
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(module, "main"):
             return int(module.main(rest) or 0)
-        parser = argparse.ArgumentParser(prog=prog, description=help_)
+        parser = ArgumentParser(prog=prog, description=help_)
         module.add_arguments(parser)
         return int(module.run(parser.parse_args(rest)) or 0)
     except UserError as e:

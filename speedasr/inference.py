@@ -26,6 +26,7 @@ from speedasr.data.tokenizer import Tokenizer
 from speedasr.decoding import DecodingOptions, decode_encoded
 from speedasr.errors import UserError
 from speedasr.nn.segments import Segments
+from speedasr.options import DTYPE_ALIASES, add_dtype_argument
 
 
 def batch_prompts(batch: PackedBatch) -> list[list[int]]:
@@ -137,12 +138,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--batch-size", type=int, default=None, help="most utterances per batch")
     group.add_argument("--device", default="cpu")
-    group.add_argument(
-        "--dtype",
-        choices=tuple(DTYPES),
-        default="float32",
-        help="weights and activations: float32 (default); bfloat16 (about 2x faster matmuls on "
-        "GPUs and on CPUs with AVX512-BF16 or AMX); float16 (GPU only)",
+    add_dtype_argument(
+        group, "float32",
+        "weights and activations: float32 (default); bfloat16 (about 2x faster matmuls on "
+        "GPUs and on CPUs with AVX512-BF16 or AMX); float16 (GPU only); fp32, bf16, fp16 also "
+        "accepted",
     )  # fmt: skip
 
 
@@ -167,7 +167,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """``--dtype`` as a torch dtype; ``UserError`` for float16 on a CPU, a note on stderr when
     bfloat16 runs on a CPU without native bfloat16 matmuls (it works, but slower than float32)."""
-    dtype = DTYPES[name]
+    dtype = DTYPES[DTYPE_ALIASES.get(name, name)]
     on_cpu = torch.device(device).type == "cpu"
     if dtype == torch.float16 and on_cpu:
         raise UserError("--dtype float16 needs a GPU; on a CPU use bfloat16 (or float32)")

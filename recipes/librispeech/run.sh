@@ -58,8 +58,7 @@ COMMON=(--data.train_cuts "$DATA/train_cuts.jsonl.gz" --data.dev_cuts "$DATA/dev
 if [ "$STAGE" -le 6 ]; then
   step "6 calibrate per-bucket batch sizes on one GPU (bf16, 90% of its memory)"
   speedasr calibrate --config "$CONFIG" --out "$DATA/calibrated.yaml" --json "$DATA/calibrated.json" \
-    --memory-fraction 0.9 --set "data.train_cuts=$DATA/train_cuts.jsonl.gz" \
-    "data.tokenizer=$DATA/tokenizer" "sampler.bins=$DATA/bins.json"
+    --memory-fraction 0.9 "${COMMON[@]}"
 fi
 if [ "$STAGE" -le 7 ]; then
   step "7 train (resumes from the newest checkpoint in $EXP/checkpoints if there is one)"

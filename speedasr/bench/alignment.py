@@ -8,8 +8,8 @@ updates; what the attention decoder reaches (free-running greedy WER on held-out
 the same updates measures how well cross-attention finds its place (issue 17). A few minutes on a
 2-core CPU; no audio, no files.
 
-Model options are overridden with ``--set key=value`` (``ModelConfig`` fields, as in
-``speedasr model info``), e.g. ``--set absolute_memory_positions=true``; docs/training.md has the
+Model options are overridden with ``--model.KEY=VALUE`` (``ModelConfig`` fields, as in
+``speedasr train``), e.g. ``--model.absolute_memory_positions=true``; docs/training.md has the
 variants measured so far.
 """
 
@@ -23,6 +23,9 @@ import time
 from dataclasses import asdict
 
 import torch
+
+from speedasr.models.aed import ModelConfig
+from speedasr.options import add_config_overrides
 
 PAD_ID, SOT_ID, EOT_ID = 0, 1, 2
 """Pad (and CTC blank), start of transcript (the one-token prompt), end of text."""
@@ -107,7 +110,7 @@ def measure(model, task: OracleTask, batch) -> dict[str, float]:
 
 def run_probe(args: argparse.Namespace, overrides: dict, log=print) -> list[dict]:
     """Train ``args.steps`` updates; measure at every ``args.eval_every`` and at the end."""
-    from speedasr.models.aed import AEDModel, ModelConfig
+    from speedasr.models.aed import AEDModel
 
     task = OracleTask(args.text_tokens, n_mels=80, noise=args.noise, seed=args.seed)
     train, held_out = task.transcripts(args.transcripts), task.transcripts(args.eval_utterances)
@@ -158,18 +161,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.5, help="noise std on the prototypes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE",
-        help="ModelConfig overrides, e.g. absolute_memory_positions=true",
-    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write the measures here (a JSON list)")
+    add_config_overrides(
+        parser, {"model": ModelConfig}, "--model.absolute_memory_positions=true",
+        deprecated_set_section="model",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from speedasr.errors import UserError
-    from speedasr.models.sizing import parse_overrides
 
     for name in ("steps", "batch_size", "eval_every", "eval_utterances", "transcripts"):
         if getattr(args, name) < 1:
@@ -179,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        rows = run_probe(args, parse_overrides(args.set))
+        rows = run_probe(args, args.overrides.section("model"))
     except ValueError as e:  # ModelConfig names the conflicting setting
         raise UserError(str(e)) from e
     if args.json:

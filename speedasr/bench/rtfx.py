@@ -29,6 +29,7 @@ import torch
 
 from speedasr.bench.paired import median_paired_ratio, run_interleaved
 from speedasr.errors import UserError
+from speedasr.options import add_dtype_argument
 
 DEFAULT_SPLITS = "balanced=10/10,deep=16/2"
 """Canary-1B (24/24) vs Canary-1B-flash (32/4) scaled down to equal parameters at width 256:
@@ -231,12 +232,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)"
     )
-    parser.add_argument(
-        "--dtype",
+    add_dtype_argument(
+        parser,
+        "float32",
+        "weights and activations of every config (bfloat16: as deployed on GPUs, and fast "
+        "on CPUs with AVX512-BF16/AMX; bf16, fp32 also accepted)",
         choices=("float32", "bfloat16"),
-        default="float32",
-        help="weights and activations of every config (bfloat16: as deployed on GPUs, and fast "
-        "on CPUs with AVX512-BF16/AMX)",
     )
     parser.add_argument(
         "--reference",

@@ -31,6 +31,8 @@ import torch
 from speedasr.bench.paired import median_paired_ratio, run_interleaved
 from speedasr.data.padding import PaddingStats, batch_padding
 from speedasr.errors import UserError
+from speedasr.models.aed import ModelConfig
+from speedasr.options import add_config_overrides
 
 STRATEGIES = ("random", "bucket2d", "packed")
 
@@ -216,7 +218,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuts", required=True, help="cutset with audio (e.g. the synth corpus)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
     parser.add_argument("--preset", default="tiny", help="model preset (speedasr model info)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides")
     parser.add_argument("--budget-seconds", type=float, default=120.0, help="memory budget (s)")
     parser.add_argument("--steps", type=int, default=8, help="batches timed per strategy")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the batches")
@@ -224,6 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write results here")
+    add_config_overrides(
+        parser, {"model": ModelConfig}, "--model.d_model=256 (on top of --preset)",
+        deprecated_set_section="model",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
     from speedasr.data.manifests import load_cuts, validate_cuts
     from speedasr.data.tokenizer import Tokenizer
-    from speedasr.models.sizing import parse_overrides, preset
+    from speedasr.models.sizing import preset
 
     if args.budget_seconds <= 0 or args.steps < 1 or args.repeats < 1:
         raise UserError("--budget-seconds must be > 0, --steps and --repeats >= 1")
@@ -241,9 +246,14 @@ def run(args: argparse.Namespace) -> int:
     cuts, report = validate_cuts(load_cuts(args.cuts), max_duration=args.budget_seconds)
     if report.rejected:
         print(f"data: {report.summary()}")
-    overrides = parse_overrides(args.set)
+    overrides = args.overrides.section("model")
     overrides.setdefault("attention_backend", "torch" if args.device == "cpu" else "auto")
-    cfg = preset(args.preset, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, **overrides)
+    try:
+        cfg = preset(
+            args.preset, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, **overrides
+        )
+    except ValueError as e:  # ModelConfig names the conflicting setting
+        raise UserError(str(e)) from None
     print(
         f"bench throughput: preset {args.preset}, budget {args.budget_seconds} s, "
         f"{args.steps} batches x {args.repeats} repeats, {torch.get_num_threads()} threads"
@@ -269,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
                 "packed_over_bucket2d": speed_2d,
                 "memory_per_audio_second_packed_over_bucket2d": mem_2d,
             },
-            "settings": {k: v for k, v in vars(args).items() if k != "set"}
+            "settings": {k: v for k, v in vars(args).items() if k != "overrides"}
             | {"model": asdict(cfg)},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Model sizes: presets, parameter and FLOP counts, and an encoder/decoder split planner.
 
-``speedasr model info [PRESET ...] [--budget 100M --encoder-share 0.85] [--set key=value ...]``
+``speedasr model info [PRESET ...] [--budget 100M --encoder-share 0.85] [--model.KEY=VALUE ...]``
 prints parameters (encoder / decoder / total) and training FLOPs per second of audio.
 
 Counts are closed-form (no model is built) and tested equal to the instantiated ``AEDModel``
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from speedasr.data.padding import encoder_length, num_input_frames
 from speedasr.errors import UserError
 from speedasr.models.aed import ModelConfig
+from speedasr.options import add_config_overrides
 
 PROMPT_TOKENS = 4
 """Canary-style prompt: <sot> <lang> <task> <pnc>."""
@@ -248,23 +249,6 @@ def _parse_count(text: str) -> float:
         raise UserError(f"cannot read parameter count '{text}' (e.g. 3.5M, 180M, 1B)") from None
 
 
-def parse_overrides(items: list[str]) -> dict:
-    types = {f.name: f.type for f in fields(ModelConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in types:
-            raise UserError(f"--set expects KEY=VALUE with KEY a ModelConfig field, got '{item}'")
-        default = getattr(ModelConfig(), key)
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)) or default is None:
-            out[key] = type(default)(value) if default is not None else int(value)
-        else:
-            out[key] = value
-    return out
-
-
 def describe(cfg: ModelConfig, duration: float, tokens_per_second: float) -> dict:
     """Everything ``model info`` prints about one config."""
     p = count_parameters(cfg)
@@ -290,17 +274,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", help="plan a config of this many parameters (e.g. 180M)")
     parser.add_argument("--encoder-share", type=float, default=0.85,
                         help="fraction of the budget in the encoder (with --budget)")  # fmt: skip
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override ModelConfig fields (e.g. vocab_size=1024)")  # fmt: skip
     parser.add_argument("--duration", type=float, default=10.0,
                         help="utterance length assumed for attention FLOPs, seconds")  # fmt: skip
     parser.add_argument("--tokens-per-second", type=float, default=4.0,
                         help="text tokens per second assumed for decoder FLOPs")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_config_overrides(
+        parser, {"model": ModelConfig}, "--model.vocab_size=1024", deprecated_set_section="model"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.set)
+    overrides = args.overrides.section("model")
     configs: dict[str, ModelConfig] = {}
     try:
         if args.budget:

@@ -31,13 +31,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from speedasr.errors import UserError
+from speedasr.options import add_config_overrides
 from speedasr.train.progress import release_free_heap
 
 log = logging.getLogger(__name__)
@@ -282,10 +283,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if any)")
     parser.add_argument("--gap", type=float, default=0.05, help="bisection stops at this gap")
     parser.add_argument("--max-batch", type=int, default=4096, help="largest batch tried")
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE",
-        help="config overrides, as for `speedasr train` (e.g. model.d_model=256)",
-    )  # fmt: skip
+    add_config_overrides(parser, _config_sections, "--model.d_model=256 --data.train_cuts=X")
+
+
+def _config_sections() -> dict[str, type]:
+    """``TrainConfig``'s sections (``data``, ``sampler``, ``model``, ...), as in ``--config``."""
+    import typing
+
+    from speedasr.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: tp for name, tp in hints.items() if is_dataclass(tp)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 0 < args.gap < 1:
         raise UserError(f"--gap must be in (0, 1), got {args.gap}")
-    cfg = parse_config(["--config", args.config, *(f"--{kv}" for kv in args.set)])
+    cfg = parse_config(["--config", args.config, *args.overrides.args])
     if cfg.sampler.mode not in ("bucket2d", "packed"):
         raise UserError(
             f"calibration needs sampler.mode bucket2d or packed, not {cfg.sampler.mode}"

@@ -28,8 +28,8 @@ def test_command_trains_measures_and_writes_json(tmp_path, capsys):
     out = tmp_path / "a.json"
     args = ["bench", "alignment", "--steps", "4", "--eval-every", "2", "--batch-size", "4",
             "--transcripts", "20", "--eval-utterances", "3", "--threads", "1", "--json", str(out),
-            "--set", "d_model=32", "encoder_heads=2", "subsampling_channels=4", "encoder_layers=1",
-            "absolute_memory_positions=true"]  # fmt: skip
+            "--model.d_model=32", "--model.encoder_heads=2", "--model.subsampling_channels=4",
+            "--model.encoder_layers=1", "--model.absolute_memory_positions=true"]  # fmt: skip
     assert main(args) == 0
     rows = json.loads(out.read_text())
     assert [r["step"] for r in rows] == [2, 4]
@@ -41,5 +41,9 @@ def test_command_trains_measures_and_writes_json(tmp_path, capsys):
 def test_bad_arguments_are_one_line(capsys):
     assert main(["bench", "alignment", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
-    assert main(["bench", "alignment", "--set", "d_model=33"]) == 2
+    assert main(["bench", "alignment", "--model.d_model=33"]) == 2
     assert "divisible" in capsys.readouterr().err
+    assert main(["bench", "alignment", "--model.absolute_memory_positions=ture"]) == 2
+    assert "expected true or false, got 'ture'" in capsys.readouterr().err
+    assert main(["bench", "alignment", "--model.absolute_memory_position=true"]) == 2
+    assert "did you mean --model.absolute_memory_positions?" in capsys.readouterr().err

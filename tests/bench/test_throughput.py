@@ -52,8 +52,9 @@ def cli_args(root, out, repeats: int) -> list[str]:
     """``bench throughput`` on the fixture's cuts with a tiny model, one batch per pass."""
     return ["bench", "throughput", "--cuts", str(root / "cuts/cuts.jsonl.gz"), "--tokenizer",
             str(root / "tok"), "--budget-seconds", "4", "--steps", "1", "--repeats", str(repeats),
-            "--set", "d_model=32", "encoder_layers=1", "encoder_heads=2", "decoder_layers=1",
-            "subsampling_channels=8", "--json", str(out)]  # fmt: skip
+            "--model.d_model=32", "--model.encoder_layers=1", "--model.encoder_heads=2",
+            "--model.decoder_layers=1", "--model.subsampling_channels=8",
+            "--json", str(out)]  # fmt: skip
 
 
 def test_run_benchmark_and_cli_json(setup, tmp_path):
@@ -68,6 +69,16 @@ def test_run_benchmark_and_cli_json(setup, tmp_path):
     data = json.loads(out.read_text())
     for k in ("random", "bucket2d", "packed"):
         assert {"audio_seconds_per_second", "peak_memory_bytes"} <= set(data["strategies"][k])
+    model = data["settings"]["model"]  # the --model.* overrides on top of the tiny preset
+    assert (model["d_model"], model["encoder_layers"], model["subsampling_channels"]) == (32, 1, 8)
+
+
+def test_cli_override_errors_name_the_key(capsys):
+    base = ["bench", "throughput", "--cuts", "c.jsonl.gz", "--tokenizer", "tok"]
+    assert main([*base, "--model.encoder_layer=1"]) == 2
+    assert "did you mean --model.encoder_layers?" in capsys.readouterr().err
+    assert main([*base, "--model.dropout=high"]) == 2
+    assert "--model.dropout=high: expected a number" in capsys.readouterr().err
 
 
 def test_passes_interleave_and_ratios_pair_repeats(setup, tmp_path, monkeypatch):

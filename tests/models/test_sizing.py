@@ -1,5 +1,5 @@
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -108,8 +108,61 @@ def test_model_info_command(capsys):
     assert info["params_total"] == count_parameters(ModelConfig(**info["config"])).total
     assert info["train_gflops_per_audio_second"] > 0
     assert main(["model", "info", "nope"]) == 2
-    assert main(["model", "info", "tiny", "--set", "d_model=100"]) == 2  # not divisible by heads
+    assert main(["model", "info", "tiny", "--model.d_model=100"]) == 2  # head dim must be even
     assert "error" in capsys.readouterr().err
+
+
+def _info_json(capsys, *args: str) -> dict:
+    assert main(["model", "info", "tiny", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)["tiny"]
+
+
+def test_model_info_takes_train_override_syntax(capsys):
+    """``--model.KEY=VALUE`` (and ``--model.KEY VALUE``) as in ``speedasr train``, typed from
+    ModelConfig; the parameter count follows the closed form of the overridden config."""
+    info = _info_json(capsys, "--model.d_model=256", "--model.tie_embeddings", "false",
+                      "--model.decoder_d_model=null", "--model.rope_base=5e3")  # fmt: skip
+    cfg = replace(PRESETS["tiny"], d_model=256, tie_embeddings=False, rope_base=5000.0)
+    assert info["config"] == asdict(cfg)
+    assert info["params_total"] == count_parameters(cfg).total
+    # The spelling with underscores of a dashed option reads the same.
+    assert _info_json(capsys, "--tokens_per_second", "2") == _info_json(
+        capsys, "--tokens-per-second", "2"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.d_modle=256"], "--model.d_modle; did you mean --model.d_model?"),
+        (["--modle.d_model=256"], "--modle.d_model; did you mean --model.d_model?"),
+        (["--model.d_model=abc"], "--model.d_model=abc: expected an integer, got 'abc'"),
+        (["--model.tie_embeddings=flase"], "--model.tie_embeddings=flase: expected true or false"),
+        (["--model.decoder_heads=x"], "--model.decoder_heads=x: expected an integer or null"),
+        (["--model.attention_backend=cuda"], "expected one of auto, torch, triton, flash_attn"),
+        (["--model.d_model"], "--model.d_model needs a value"),
+    ],
+)  # fmt: skip
+def test_model_info_bad_overrides_are_one_line_errors(capsys, args, message):
+    assert main(["model", "info", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_deprecated_set_still_works_with_a_note(capsys):
+    """``--set KEY=VALUE`` is read for one release: same config, and a one-line note."""
+    new = _info_json(capsys, "--model.d_model=256", "--model.absolute_token_positions=true")
+    assert main(["model", "info", "tiny", "--json", "--set", "d_model=256",
+                 "absolute_token_positions=true"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tiny"] == new
+    assert "--set is deprecated" in err and "--model.d_model=256" in err
+
+
+def test_a_typo_in_a_bool_override_is_an_error(capsys):
+    """The old parser read anything but 1/true/yes as False, so a typo silently set False."""
+    assert main(["model", "info", "tiny", "--set", "tie_embeddings=flase"]) == 2
+    assert "expected true or false, got 'flase'" in capsys.readouterr().err
 
 
 def test_flops_scale_with_layers():

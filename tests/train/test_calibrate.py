@@ -6,6 +6,7 @@ import sys
 import pytest
 import yaml
 
+from speedasr.cli import main
 from speedasr.data.bucketing import BucketBins
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.testing import make_tiny_cuts, tiny_texts
@@ -117,3 +118,22 @@ def test_cpu_calibration_is_monotone_and_training_stays_within_budget(tmp_path):
     assert train_peak <= budget, (train_peak, budget, sizes)
     print(f"budget {budget:.3f} GiB, calibration peak {calib_peak:.3f}, training peak "
           f"{train_peak:.3f}, batch sizes {sizes}")  # fmt: skip
+
+
+def test_overrides_use_train_syntax_and_reach_the_config(tmp_path, capsys):
+    """``--SECTION.KEY=VALUE`` overrides the YAML as ``speedasr train`` does: the YAML's
+    bucket2d mode, overridden to random, is refused by name before any work."""
+    (tmp_path / "c.yaml").write_text("sampler: {mode: bucket2d}\ndata: {tokenizer: tok}\n")
+    base = ["calibrate", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o.yaml")]
+    assert main([*base, "--sampler.mode=random"]) == 2
+    assert "needs sampler.mode bucket2d or packed, not random" in capsys.readouterr().err
+    assert main([*base, "--set", "sampler.mode=random"]) == 2  # deprecated spelling, one release
+    err = capsys.readouterr().err
+    assert "--set is deprecated" in err and "not random" in err
+    assert main([*base, "--sampler.mode=randm"]) == 2
+    assert "--sampler.mode=randm: expected one of packed, bucket2d" in capsys.readouterr().err
+    assert main([*base, "--modle.d_model=256"]) == 2
+    assert "did you mean --model.d_model?" in capsys.readouterr().err
+    assert main([*base, "--data.spec_augment.enabled=flase"]) == 2  # nested section, bool typo
+    assert "expected true or false" in capsys.readouterr().err
+    assert not (tmp_path / "o.yaml").exists()
