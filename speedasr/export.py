@@ -11,11 +11,11 @@ whose only batch descriptor is a lengths tensor:
   call per greedy step.
 
 The modules reuse the model's own layers (``ConformerBlock``, ``TransformerDecoder``) through a
-layout whose masks, positions and attention masks are computed from the lengths *tensor*:
-speedasr's ``PaddedLayout`` reads host-int lengths, which an exporter would bake in as constants
-of the one example batch. Both are written with ``torch.export`` (dynamic batch size and lengths)
-to ``DIR/encoder.pt2`` and ``DIR/decoder.pt2``, loaded by plain ``torch.export.load`` (torch's
-successor to TorchScript, whose ``torch.jit`` entry points are deprecated since torch 2.10),
+layout whose masks, positions and attention masks are computed from the lengths *tensor*: speedasr's
+``PaddedLayout`` reads host-int lengths, which an exporter would bake in as constants of the one
+example batch. Both are written with ``torch.export`` (dynamic batch size and lengths) to
+``DIR/encoder.pt2`` and ``DIR/decoder.pt2``, loaded by plain ``torch.export.load`` (torch's
+successor to TorchScript, whose ``torch.jit.trace`` warns that it is deprecated in torch 2.13),
 beside ``DIR/tokenizer.model`` (sentencepiece) and ``DIR/export.json`` (features, special ids,
 prompts). docs/api.md has a plain-torch script that greedy-decodes with these files.
 """
