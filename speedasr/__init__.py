@@ -11,8 +11,7 @@ Python API (docs/api.md)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs more than the rest
 if TYPE_CHECKING:
     from speedasr.api import Transcriber
 
