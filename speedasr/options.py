@@ -71,6 +71,14 @@ class Overrides:
         return dict(self.values.get(name, {}))
 
 
+def dataclass_sections(root: type) -> dict[str, type]:
+    """The sections of a config made of dataclasses: ``TrainConfig`` -> ``{"data": DataConfig,
+    "sampler": SamplerConfig, "model": ModelConfig, ...}`` (its dataclass-typed fields)."""
+    hints = typing.get_type_hints(root)
+    return {f.name: hints[f.name] for f in dataclasses.fields(root)
+            if dataclasses.is_dataclass(hints[f.name])}  # fmt: skip
+
+
 def config_keys(sections: Sections) -> dict[str, Any]:
     """Every overridable dotted key -> its type annotation (nested dataclasses recursed into)."""
     keys: dict[str, Any] = {}

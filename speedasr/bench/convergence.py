@@ -45,6 +45,8 @@ import pytorch_lightning as pl
 import torch
 
 from speedasr.errors import UserError
+from speedasr.options import add_config_overrides
+from speedasr.train.calibrate import train_config_sections
 
 STRATEGIES = ("random", "bucket2d", "packed")
 LABELS = {
@@ -449,19 +451,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="first repeat's seed (default: config's seed)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE",
-        help="dotted training-config overrides, e.g. model.absolute_memory_positions=true",
-    )  # fmt: skip
-    parser.add_argument(
         "--out", default="exp/bench-convergence",
         help="writes convergence.json, convergence.md, convergence.png here (default: "
         "%(default)s)",
     )  # fmt: skip
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
+    add_config_overrides(parser, train_config_sections, "--model.absolute_memory_positions=true")
 
 
 def resolve_config(args: argparse.Namespace):
-    """The base ``TrainConfig``: ``--config`` + data paths + ``--set`` + the bench's flags."""
+    """The base ``TrainConfig``: ``--config`` + data paths + ``--SECTION.KEY=VALUE`` overrides +
+    the bench's flags."""
     from speedasr.train.run import parse_config
 
     if not Path(args.config).is_file():
@@ -479,11 +479,8 @@ def resolve_config(args: argparse.Namespace):
                 f"{flag} '{path}' does not exist (make it with recipes/tiny/run.sh, or pass "
                 f"{flag} / --data)"
             )
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
     argv = ["--config", args.config, *(f"--data.{k}={v}" for k, v in paths.items())]
-    cfg = parse_config(argv + [f"--{item}" for item in args.set])
+    cfg = parse_config(argv + args.overrides.args)
     t = cfg.trainer
     steps = args.max_steps if args.max_steps is not None else t.max_steps
     every = args.val_every if args.val_every is not None else t.val_check_interval

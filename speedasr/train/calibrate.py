@@ -31,14 +31,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from speedasr.errors import UserError
-from speedasr.options import add_config_overrides
+from speedasr.options import add_config_overrides, dataclass_sections
 from speedasr.train.progress import release_free_heap
 
 log = logging.getLogger(__name__)
@@ -283,17 +283,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if any)")
     parser.add_argument("--gap", type=float, default=0.05, help="bisection stops at this gap")
     parser.add_argument("--max-batch", type=int, default=4096, help="largest batch tried")
-    add_config_overrides(parser, _config_sections, "--model.d_model=256 --data.train_cuts=X")
+    add_config_overrides(parser, train_config_sections, "--model.d_model=256 --data.train_cuts=X")
 
 
-def _config_sections() -> dict[str, type]:
+def train_config_sections() -> dict[str, type]:
     """``TrainConfig``'s sections (``data``, ``sampler``, ``model``, ...), as in ``--config``."""
-    import typing
-
     from speedasr.config import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    return {name: tp for name, tp in hints.items() if is_dataclass(tp)}
+    return dataclass_sections(TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -144,8 +144,9 @@ def test_ratios_median_of_repeats_and_bound_when_missed():
         (["--max-steps", "5"], "--max-steps 5 must be a multiple of --val-every 2"),
         (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
         (["--budget-seconds", "-1"], "--budget-seconds must be > 0, got -1.0"),
-        (["--set", "model.d_model"], "--set expects KEY=VALUE, got 'model.d_model'"),
-        (["--set", "model.no_such_key=1"], "no_such_key"),
+        (["--model.d_model"], "--model.d_model needs a value: --model.d_model=VALUE"),
+        (["--model.no_such_key=1"], "unknown config key --model.no_such_key"),
+        (["--model.tie_embeddings=flase"], "expected true or false, got 'flase'"),
         (["--config", "nope.yaml"], "--config 'nope.yaml' does not exist"),
     ],
 )
