@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from speedasr.errors import UserError
+from speedasr.extras import require
 from speedasr.options import add_dtype_argument
 
 BACKENDS = ("triton", "flash_attn", "torch_varlen", "sdpa_padded")
@@ -324,10 +325,7 @@ def _time(case: Prepared, backward: bool, timer: Timer) -> float:
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise UserError("bench kernels needs a CUDA GPU (none visible to torch)")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise UserError("bench kernels needs triton (pip install triton)") from None
+    require("triton", "bench kernels")
     benchmark(args, torch.device("cuda"))
     return 0
 

@@ -18,9 +18,15 @@ import subprocess
 import tempfile
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+
+from speedasr.extras import missing_extra
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:  # the core install has no triton: say which extra adds it
+    raise missing_extra("triton", "the kernel compile check") from e
 
 from . import flash_varlen_kernels as K
 from .flash_varlen import _block_d, _blocks, _dot_precision, _max_head_dim

@@ -26,9 +26,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 from torch.utils.weak import WeakIdKeyDictionary
-from triton.runtime.jit import JITFunction
+
+from speedasr.extras import missing_extra
+
+try:
+    import triton
+    from triton.runtime.jit import JITFunction
+except ImportError as e:  # the core install has no triton: say which extra adds it
+    raise missing_extra("triton", "attention backend 'triton' (speedasr.kernels)") from e
 
 from . import flash_varlen_kernels as K
 

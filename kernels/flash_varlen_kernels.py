@@ -17,8 +17,13 @@ Sequence lengths and offsets are runtime values, so one compiled kernel serves e
 and a new batch never triggers recompilation.
 """
 
-import triton
-import triton.language as tl
+from speedasr.extras import missing_extra
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the core install has no triton: say which extra adds it
+    raise missing_extra("triton", "the Triton attention kernels (speedasr.kernels)") from e
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units so exp2 can be used
 LN2 = tl.constexpr(0.6931471805599453)

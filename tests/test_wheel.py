@@ -5,6 +5,9 @@ The wheel is installed with ``pip install --target`` into a folder that the chec
 ``python -S``: no site-packages processing, so the editable install of this checkout (a ``.pth``
 finder that would quietly supply any module the wheel lacks) is out of the picture; the
 dependencies come from the environment's site-packages, added to ``PYTHONPATH`` after the folder.
+
+The core install (no extras) is checked the same way against a view of site-packages without the
+optional packages (triton, nvidia-ml-py, espeakng-loader, matplotlib): links to every other entry.
 """
 
 from __future__ import annotations
@@ -52,9 +55,14 @@ print(json.dumps({"installed": installed, "files": files}))
 """
 
 
-def run_installed(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -S ARGS`` seeing the wheel's folder first, then the environment's packages."""
-    paths = [str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+def run_installed(
+    site: Path, *args: str, cwd: Path, packages: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``python -S ARGS`` seeing the wheel's folder first, then the environment's packages (or
+    ``packages`` instead)."""
+    env_paths = sysconfig.get_paths()
+    deps = [str(packages)] if packages else [env_paths["purelib"], env_paths["platlib"]]
+    paths = [str(site), *deps]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
     return subprocess.run(
         [sys.executable, "-S", *args], capture_output=True, text=True, cwd=cwd, env=env,
@@ -120,3 +128,78 @@ def test_train_and_eval_run_from_the_installed_wheel(installed, tmp_path):
     )  # fmt: skip
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["utterances"] == 4
+
+
+OPTIONAL = ("triton", "nvidia-ml-py", "espeakng-loader", "matplotlib")
+"""The distributions of the extras (pyproject.toml; tests/test_extras.py keeps them in step)."""
+
+
+@pytest.fixture(scope="module")
+def core_packages(tmp_path_factory) -> Path:
+    """The environment's site-packages less the optional distributions' files and this
+    checkout's editable install: a folder of links to everything else."""
+    from importlib.metadata import distribution
+
+    left_out = {"__pycache__"}  # shared by several distributions; holds no importable module
+    excluded: set[str] = set()
+    for name in OPTIONAL:
+        excluded |= {f.parts[0] for f in distribution(name).files if f.parts[0] != ".."}
+    excluded -= left_out
+    view = tmp_path_factory.mktemp("core-site")
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    for entry in purelib.iterdir():
+        if entry.name in excluded or entry.name.startswith(("__editable__", "speedasr")):
+            continue
+        (view / entry.name).symlink_to(entry)
+    return view
+
+
+CORE_RUN = """\
+import contextlib, importlib.util, io, json, sys
+from speedasr.cli import main
+absent = [m for m in ("triton", "pynvml", "espeakng_loader", "matplotlib")
+          if importlib.util.find_spec(m) is None]
+results = {"absent": absent}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    results[name] = [code, err.getvalue().splitlines()[-1:]]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_core_install_trains_on_cpu_and_names_the_extra_for_the_rest(
+    installed, core_packages, tmp_path
+):
+    make_tiny_cuts(tmp_path / "data", n=4, seed=0)
+    Tokenizer.train(tiny_texts(100, seed=1), tmp_path / "tok", vocab_size=64)
+    train = [
+        "train", "--data.train_cuts", str(tmp_path / "data/cuts.jsonl.gz"),
+        "--data.tokenizer", str(tmp_path / "tok"), "--data.num_workers=1",
+        "--model.d_model=32", "--model.encoder_layers=1", "--model.encoder_heads=2",
+        "--model.decoder_layers=1", "--model.subsampling_channels=8",
+        "--trainer.max_steps=1", "--trainer.max_epochs=null", "--trainer.accelerator=cpu",
+        "--monitors.padding=false", "--monitors.throughput=false",
+    ]  # fmt: skip
+    commands = {  # in one process, one after the other
+        "train": [*train, "--out_dir", "exp"],
+        "triton": [*train, "--out_dir", "exp-triton", "--model.attention_backend=triton"],
+        "synth": ["data", "synth", "--out", "corpus", "--hours", "0.01"],
+        "profile": ["profile", "--log-dir", "exp"],
+    }
+    proc = run_installed(
+        installed, "-c", CORE_RUN, json.dumps(commands), cwd=tmp_path, packages=core_packages
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.splitlines()[-1])
+    assert results.pop("absent") == ["triton", "pynvml", "espeakng_loader", "matplotlib"]
+    assert results.pop("train")[0] == 0, proc.stderr[-3000:]
+    assert (tmp_path / "exp/checkpoints/last.ckpt").is_file()
+    assert "leaked" not in proc.stderr  # no triton: no nanobind leak report at exit
+    extras = {"triton": "gpu", "synth": "demo", "profile": "plots"}
+    for name, (code, last_line) in results.items():
+        assert code == 2, (name, last_line)
+        assert last_line[0].endswith(f"pip install 'speedasr[{extras[name]}]'"), (name, last_line)
+    assert not (tmp_path / "corpus").exists()

@@ -31,6 +31,7 @@ from pathlib import Path
 from speedasr.data.audio import SAMPLE_RATE
 from speedasr.data.sentences import SentenceGenerator
 from speedasr.errors import UserError
+from speedasr.extras import require
 
 SPLITS = ("train", "dev", "test")
 GENERATOR_VERSION = 1  # bump when the planner or synthesis changes the output for a given seed
@@ -295,6 +296,7 @@ def synthesize_corpus(
         raise UserError(f"--hours must be a positive number of hours, got {hours!r}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    require("espeakng_loader", "synthesizing the speech corpus")
     out = Path(out_dir).resolve()
     params = {
         "version": GENERATOR_VERSION,

@@ -43,7 +43,9 @@ class Espeak:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        import espeakng_loader
+        from speedasr.extras import require
+
+        espeakng_loader = require("espeakng_loader", "eSpeak NG speech synthesis")
 
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]

@@ -37,11 +37,13 @@ GPUSampleSource = Callable[[], GPUSample]
 
 
 class NvmlSource:
-    """Reads one GPU through NVML (``pip install nvidia-ml-py``). Raises if NVML is unavailable."""
+    """Reads one GPU through NVML (nvidia-ml-py: ``pip install 'speedasr[gpu]'``). Raises if NVML
+    is unavailable."""
 
     def __init__(self, cuda_index: int) -> None:
-        import pynvml  # nvidia-ml-py; imported here so the module imports without it
+        from speedasr.extras import require  # nvidia-ml-py: only where NVML is read
 
+        pynvml = require("pynvml", "GPU monitoring through NVML")
         self._nvml = pynvml
         pynvml.nvmlInit()
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from speedasr.errors import UserError
+from speedasr.extras import require
 
 METRICS_FILE = "metrics.csv"
 SHAPES_FILE = "batch_shapes.jsonl"  # same name as speedasr.train.callbacks.SHAPES_FILE
@@ -262,6 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("matplotlib", "plotting the profile")  # before any work
     metrics_path = find_metrics(args.log_dir) if args.log_dir else args.metrics
     if args.shapes is not None and not args.shapes.is_file():
         raise UserError(f"batch shapes file '{args.shapes}' does not exist")
