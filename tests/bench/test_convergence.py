@@ -3,13 +3,8 @@ import json
 import pytest
 import torch
 
-from speedasr.bench.convergence import (
-    RunResult,
-    markdown_table,
-    state_checksum,
-    summarize,
-    time_to_target,
-)
+from speedasr.bench.convergence import RunResult, state_checksum
+from speedasr.bench.convergence_report import markdown_table, summarize, time_to_target
 from speedasr.cli import main
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.models.aed import AEDModel, ModelConfig
