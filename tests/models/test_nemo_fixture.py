@@ -162,6 +162,9 @@ def test_outputs_have_consistent_shapes(outputs, config, utt):
     assert torch.equal(o["target_ids"][: len(o["prompt_ids"])], o["prompt_ids"])
     assert torch.equal(o["greedy_ids"][: len(o["prompt_ids"])], o["prompt_ids"])
     assert len(o["greedy_ids"]) <= o["encoder_length"] + 8
+    generated = o["greedy_ids"][len(o["prompt_ids"]) :]
+    assert o["greedy_log_probs"].shape == (len(generated), 128)
+    assert torch.equal(o["greedy_log_probs"].argmax(-1), generated)
     # Three different lengths, so packed/padded layouts differ.
     assert len({round(float(d) * 100) for d in outputs["durations"]}) == 3
 

@@ -335,6 +335,20 @@ def reference_outputs(model, seed: int) -> dict:
             encoder_input_mask=enc_mask,
             decoder_input_ids=prompt_ids[None],
         )[0][0]
+        # The decoder's log-probs along the greedy path (one full forward, which NeMo's cached
+        # steps equal): row k scores greedy[len(prompt) + k], for checking a cached decoder
+        # numerically (a random model's greedy ids repeat one token, which argmax alone checks
+        # weakly).
+        path = greedy[:-1][None].to(torch.long)
+        path_states = model.transf_decoder(
+            input_ids=path,
+            decoder_mask=torch.ones_like(path, dtype=enc_states.dtype),
+            encoder_embeddings=enc_states,
+            encoder_mask=enc_mask,
+        )
+        greedy_log_probs = model.log_softmax(hidden_states=path_states)[0, len(prompt_ids) - 1 :]
+        if not torch.equal(greedy_log_probs.argmax(-1), greedy[len(prompt_ids) :].to(torch.long)):
+            raise RuntimeError("NeMo's greedy ids differ from the argmax of its full forward")
         u = f"utt{i}"
         out[f"{u}.text"] = texts[i]
         out[f"{u}.audio"] = audio
@@ -351,6 +365,7 @@ def reference_outputs(model, seed: int) -> dict:
         out[f"{u}.decoder_log_probs"] = log_probs[0]  # (len(target_ids) - 1, padded vocab)
         # prompt + generated; NeMo stops at <|endoftext|> or at min(512, encoder_length + 8) tokens
         out[f"{u}.greedy_ids"] = greedy.to(torch.long)
+        out[f"{u}.greedy_log_probs"] = greedy_log_probs  # (len(greedy_ids) - len(prompt_ids), V)
         out[f"{u}.greedy_text"] = model.tokenizer.ids_to_text(greedy[len(prompt_ids) :].tolist())
     return out
 

@@ -194,6 +194,8 @@ def main() -> int:
         eos = int(ref("target_ids")[-1])
         greedy = spec.greedy(ref("prompt_ids"), memory, min(512, ref("encoder_length") + 8), eos)
         same = greedy == ref("greedy_ids").tolist()
+        path = spec.decoder(ref("greedy_ids")[:-1], memory)[len(ref("prompt_ids")) - 1 :]
+        errors["greedy_log_probs"] = err(path, "greedy_log_probs")
         print(
             f"utt{u}: "
             + "  ".join(f"{k} {v:.1e}" for k, v in errors.items())
