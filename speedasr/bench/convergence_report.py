@@ -145,9 +145,11 @@ def plot_curves(results: list[RunResult], metric: str, target: float, path: Path
             ax.plot(x, [100 * p["wer"] for p in r.points], "-o", ms=3, color=c, label=name)
             ax.plot(x, [100 * p["ctc_wer"] for p in r.points], "--", color=c, alpha=0.7)
         ax.axhline(100 * target, color="gray", lw=0.8, ls=":")
+        # An untrained decoder loops (WER far above 100%): the curves' interesting part is below.
+        ax.set_ylim(0, 105)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("dev WER % (attention solid, CTC dashed)")
+    axes[0].set_ylabel("dev WER % (attention solid, CTC dashed; axis ends at 105)")
     axes[0].legend(title=f"target: {metric} ≤ {100 * target:.0f}%")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
