@@ -30,6 +30,8 @@ DRY_RUN ?=
 
 setup: $(STAMP)
 
+# ".[dev]": every extra (the demo synthesizes with espeakng-loader, the kernel tests run Triton's
+# interpreter, profile plots with matplotlib) + pytest + ruff; `pip install .` alone is the core.
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
