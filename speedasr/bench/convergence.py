@@ -204,6 +204,7 @@ def train_strategy(cfg, strategy: str, shared, initial: dict, result: RunResult,
     """Train ``cfg`` (one strategy's config) from the ``initial`` weights, recording into
     ``result``. ``shared`` is a set-up ``AsrDataModule`` whose validated cuts are reused."""
     from speedasr.data.datamodule import AsrDataModule
+    from speedasr.train.faults import FaultMonitor  # skips non-finite steps, as in training
     from speedasr.train.module import AsrModule
     from speedasr.train.progress import TrainingProgress
 
@@ -218,7 +219,8 @@ def train_strategy(cfg, strategy: str, shared, initial: dict, result: RunResult,
     recorder = ConvergenceRecorder(result, strategy == "packed", t.max_steps, progress)
     trainer = pl.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[TrainingProgress(result.seed), recorder],
+        enable_model_summary=False,
+        callbacks=[TrainingProgress(result.seed), FaultMonitor(), recorder],
         use_distributed_sampler=False, devices=1, accelerator=t.accelerator,
         precision=t.precision, gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, max_steps=t.max_steps,
