@@ -170,13 +170,14 @@ print(json.dumps(results))
 
 
 @pytest.mark.slow
-def test_core_install_trains_on_cpu_and_names_the_extra_for_the_rest(
+def test_core_install_trains_and_evaluates_on_cpu_and_names_the_extra_for_the_rest(
     installed, core_packages, tmp_path
 ):
     make_tiny_cuts(tmp_path / "data", n=4, seed=0)
     Tokenizer.train(tiny_texts(100, seed=1), tmp_path / "tok", vocab_size=64)
+    cuts = str(tmp_path / "data/cuts.jsonl.gz")
     train = [
-        "train", "--data.train_cuts", str(tmp_path / "data/cuts.jsonl.gz"),
+        "train", "--data.train_cuts", cuts,
         "--data.tokenizer", str(tmp_path / "tok"), "--data.num_workers=1",
         "--model.d_model=32", "--model.encoder_layers=1", "--model.encoder_heads=2",
         "--model.decoder_layers=1", "--model.subsampling_channels=8",
@@ -185,10 +186,12 @@ def test_core_install_trains_on_cpu_and_names_the_extra_for_the_rest(
     ]  # fmt: skip
     commands = {  # in one process, one after the other
         "train": [*train, "--out_dir", "exp"],
+        "eval": ["eval", "--ckpt", "exp/checkpoints/last.ckpt", "--cuts", cuts, "--quiet",
+                 "--json", "eval.json"],
         "triton": [*train, "--out_dir", "exp-triton", "--model.attention_backend=triton"],
         "synth": ["data", "synth", "--out", "corpus", "--hours", "0.01"],
         "profile": ["profile", "--log-dir", "exp"],
-    }
+    }  # fmt: skip
     proc = run_installed(
         installed, "-c", CORE_RUN, json.dumps(commands), cwd=tmp_path, packages=core_packages
     )
@@ -198,6 +201,8 @@ def test_core_install_trains_on_cpu_and_names_the_extra_for_the_rest(
     assert results.pop("train")[0] == 0, proc.stderr[-3000:]
     assert (tmp_path / "exp/checkpoints/last.ckpt").is_file()
     assert "leaked" not in proc.stderr  # no triton: no nanobind leak report at exit
+    assert results.pop("eval")[0] == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["utterances"] == 4
     extras = {"triton": "gpu", "synth": "demo", "profile": "plots"}
     for name, (code, last_line) in results.items():
         assert code == 2, (name, last_line)
