@@ -1,33 +1,91 @@
-"""Assembles the Lightning pieces of a run from its config: logger, callbacks, resume path."""
+"""Assembles the Lightning pieces of a run from its config: loggers, callbacks, resume path, and
+where the run writes."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, Logger
+import yaml
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from speedasr.errors import UserError
 
 
-def build_logger(out_dir: Path) -> list[Logger]:
-    """CSV always (``out_dir/logs/version_N/metrics.csv``); TensorBoard too when installed."""
-    loggers: list[Logger] = [CSVLogger(str(out_dir), name="logs")]
-    try:
-        import tensorboard  # noqa: F401
-        from pytorch_lightning.loggers import TensorBoardLogger
+def build_loggers(out_dir: Path, chosen=None) -> list[Logger]:
+    """The run's loggers from ``trainer.logger`` (built by the config parser):
 
-        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard"))
-    except ImportError:
-        pass
-    return loggers
+    * ``None`` or ``True``: speedasr's default, a ``CSVLogger`` (``out_dir/logs/version_N/
+      metrics.csv``) and a ``TensorBoardLogger`` (``out_dir/tensorboard``) when ``tensorboard``
+      is installed;
+    * a logger or a list of them: those, and the ``CSVLogger`` above unless one is among them
+      (``speedasr profile`` reads its ``metrics.csv``);
+    * ``False``: none.
+    """
+    if chosen is False:
+        return []
+    csv = CSVLogger(str(out_dir), name="logs")
+    if chosen is None or chosen is True:
+        return [csv, *([TensorBoardLogger(str(out_dir), name="tensorboard")] if _has_tb() else [])]
+    chosen = [chosen] if isinstance(chosen, Logger) else list(chosen)
+    return chosen if any(isinstance(lg, CSVLogger) for lg in chosen) else [csv, *chosen]
+
+
+def _has_tb() -> bool:
+    """Whether TensorBoard can be written (Lightning's TensorBoardLogger needs one of these)."""
+    return any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX"))
+
+
+def describe_outputs(
+    out_dir: Path, loggers: list[Logger], config: Path | None, trainer: pl.Trainer | None = None
+) -> str:
+    """Where a run writes its checkpoints, logs and config, one indented line each (``trainer``:
+    after training, to name the best checkpoint)."""
+    checkpoints = str(out_dir / "checkpoints")
+    if trainer is not None and trainer.checkpoint_callback is not None:
+        best = trainer.checkpoint_callback.best_model_path
+        checkpoints += f" (last.ckpt, best: {Path(best).name})" if best else " (last.ckpt)"
+    rows = [("checkpoints", checkpoints)]
+    for lg in loggers:
+        rows.append(_logger_row(lg))
+    if not loggers:
+        rows.append(("logs", "none (trainer.logger: false)"))
+    elif all(type(lg) is CSVLogger for lg in loggers) and not _has_tb():
+        rows.append(("tensorboard", "not installed (pip install tensorboard to log there too)"))
+    if config is not None:
+        rows.append(("config", f"{config} (speedasr train --config reads it)"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {where}" for name, where in rows)
+
+
+def _logger_row(lg: Logger) -> tuple[str, str]:
+    """(what, where) for one logger. Only local loggers' ``log_dir`` is read: other loggers'
+    may start a remote run when asked for theirs."""
+    if isinstance(lg, CSVLogger):
+        return "metrics.csv", str(Path(lg.log_dir) / "metrics.csv")
+    if isinstance(lg, TensorBoardLogger):
+        return "tensorboard", f"{lg.log_dir} (tensorboard --logdir {lg.root_dir})"
+    where = getattr(lg, "save_dir", None)
+    return type(lg).__name__, str(where) if where else "(not a local directory)"
+
+
+def log_run_config(loggers: list[Logger], config_yaml: str, skip) -> None:
+    """Log the run's config as hyperparameters (W&B's config, MLflow's params, TensorBoard's
+    hparams, the CSV logger's ``hparams.yaml``), except the sections in ``skip``: the
+    LightningModule logs those itself (``model`` with the tokenizer's vocabulary size, ``optim``),
+    and MLflow refuses a parameter logged twice with different values."""
+    config = yaml.safe_load(config_yaml)
+    params = {k: v for k, v in config.items() if k not in skip}
+    for lg in loggers:
+        lg.log_hyperparams(params)
 
 
 def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Callback]]:
     """Checkpointing, exact-resume progress, fault tolerance, a clean stop on SIGTERM/Ctrl-C and
-    the enabled profiling monitors. Returns (all callbacks, monitors); ``FaultMonitor`` counts as
-    a monitor (it has a summary)."""
+    the enabled profiling monitors, then the user's ``trainer.callbacks``. Returns (all
+    callbacks, monitors); ``FaultMonitor`` counts as a monitor (it has a summary)."""
     from speedasr.console import LOG_REFRESH_STEPS, is_terminal
     from speedasr.train.callbacks import (
         GPUUtilizationMonitor,
@@ -86,10 +144,13 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
     callbacks = [
         progress, *checkpoints, stop, LearningRateMonitor(logging_interval="step"), *monitors,
     ]  # fmt: skip
-    if cfg.trainer.enable_progress_bar and not is_terminal():
+    user = cfg.trainer.callbacks or []
+    user = [user] if isinstance(user, pl.Callback) else list(user)
+    has_bar = any(isinstance(c, ProgressBar) for c in user)  # Lightning allows one
+    if cfg.trainer.enable_progress_bar and not is_terminal() and not has_bar:
         # Into a log file every redraw is appended: a plain line every 100 steps instead.
         callbacks.append(LogProgressBar(every_n_steps=LOG_REFRESH_STEPS))
-    return callbacks, monitors
+    return callbacks + user, monitors
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> str | None:
@@ -133,13 +194,17 @@ def check_fresh_start(out_dir: Path, resume: str | None, overwrite: bool) -> Non
 def check_trainer_settings(trainer_cfg) -> None:
     """Let Lightning validate the ``trainer.*`` settings now, before data validation: builds a
     throwaway ``pl.Trainer`` (milliseconds) and turns its error into a ``UserError`` naming the
-    key, found by trying each changed setting alone on top of the defaults."""
-    error = _trainer_error(vars(trainer_cfg))
+    key, found by trying each changed setting alone on top of the defaults. (Loggers and
+    callbacks are built and type-checked by the config parser; the real Trainer takes them.)"""
+    from speedasr.config import TrainerConfig
+
+    settings = {k: v for k, v in vars(trainer_cfg).items() if k not in ("logger", "callbacks")}
+    error = _trainer_error(settings)
     if error is None:
         return
-    defaults = vars(type(trainer_cfg)())
-    changed = {k: v for k, v in vars(trainer_cfg).items() if v != defaults.get(k)}
-    culprits = [k for k in changed if _trainer_error({**defaults, k: changed[k]}) is not None]
+    defaults = vars(TrainerConfig())
+    changed = {k: v for k, v in settings.items() if v != defaults.get(k)}
+    culprits = [k for k in changed if _trainer_error({**defaults, **{k: changed[k]}}) is not None]
     keys = culprits[:1] or list(changed)  # no key fails alone: the combination is at fault
     named = ", ".join(f"trainer.{k}={changed[k]!r}" for k in keys) or "trainer settings"
     raise UserError(f"{named}: {error}")
@@ -158,9 +223,9 @@ def _trainer_error(settings: dict) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pl.Trainer(
-                logger=False, enable_checkpointing=False, enable_model_summary=False, **settings
-            )
+            settings = {k: v for k, v in settings.items() if k != "callbacks"}
+            quiet = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False}
+            pl.Trainer(**{**settings, **quiet})
     except (MisconfigurationException, ValueError, TypeError) as e:
         return " ".join(str(e).split()) or type(e).__name__
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -40,7 +40,8 @@ class AsrModule(pl.LightningModule):
     """Trains an ``AEDModel``; logs ``train/loss``, ``val/loss`` and ``val/wer`` (attention decoder,
     greedy), plus ``val/ctc_wer`` (greedy CTC head) when the model has a CTC head.
 
-    Hyperparameters are saved as plain dicts and the tokenizer as bytes, so a checkpoint is
+    Hyperparameters are saved as plain dicts (lists, not tuples: ``hparams.yaml`` is safe YAML
+    that ``speedasr train --config`` reads) and the tokenizer as bytes, so a checkpoint is
     self-contained and loads with ``torch.load(weights_only=True)``.
     """
 
@@ -50,7 +51,8 @@ class AsrModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer_state"])
         self.model_cfg = ModelConfig(**model)
-        self.optim_cfg = OptimConfig(**optim)
+        optim_cfg = OptimConfig(**optim)
+        self.optim_cfg = replace(optim_cfg, betas=tuple(optim_cfg.betas))  # saved as a list
         self.tokenizer = Tokenizer.from_state(tokenizer_state)
         self.model = AEDModel(self.model_cfg)
         self._no_decay = {n for n, p in self.model.named_parameters() if p.ndim < 2}
@@ -60,7 +62,8 @@ class AsrModule(pl.LightningModule):
 
     @classmethod
     def build(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> AsrModule:
-        return cls(asdict(model), asdict(optim), tokenizer.to_state())
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(optim).items()}
+        return cls(asdict(model), plain, tokenizer.to_state())
 
     # --- checkpoint: keep the tokenizer inside ---------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
 from speedasr.errors import UserError
 
+PRINT_CONFIG_FLAGS = ("--print_config", "--print-config")
+"""Print the resolved config as YAML and exit: jsonargparse's (and LightningCLI's) spelling, and
+speedasr's dashed one (which printed JSON before; both print the same YAML now)."""
+CONFIG_FILE = "config.yaml"
+"""The resolved config of a run, in ``out_dir``: ``speedasr train --config out_dir/config.yaml``
+runs it again."""
 
-def parse_config(argv: list[str]):
-    """YAML + dotted overrides -> ``TrainConfig`` (jsonargparse; unknown keys are errors)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+
+def load_config(argv: list[str]):
+    """YAML + dotted overrides -> (parser, parsed namespace): plain values, class_path specs not
+    yet built, so ``parser.dump`` writes it back as YAML. ``UserError`` naming the key for an
+    unknown key or a value of the wrong type."""
     from jsonargparse import ArgumentError as JsonArgError
 
-    from speedasr.config import TrainConfig
+    from speedasr.config import train_parser
 
-    parser = ArgumentParser(prog="speedasr train", exit_on_error=False, default_meta=False)
-    parser.description = (
-        "Train a model. Every key below can be set in the YAML file given with --config and "
-        "overridden with a dotted flag, e.g. --model.d_model=144 --trainer.max_steps=200. "
-        "--print-config prints the resolved config and exits."
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")
-    parser.add_class_arguments(TrainConfig, fail_untyped=True)
     for i, a in enumerate(argv):  # a clearer message than jsonargparse's for the common case
         path = (
             a.split("=", 1)[1]
@@ -33,37 +35,146 @@ def parse_config(argv: list[str]):
         )
         if path is not None and not Path(path).is_file():
             raise UserError(f"config file '{path}' does not exist")
+    parser = train_parser()
     try:
-        ns = parser.parse_args(argv)
-        return parser.instantiate(ns)
+        return parser, parser.parse_args(argv)
     except JsonArgError as e:
-        raise UserError(" ".join(str(e).split())) from None
+        keys = [a.dest for a in parser._actions if a.option_strings and a.dest != "help"]
+        raise UserError(config_error(str(e), keys)) from None
+
+
+def instantiate_config(parser, ns):
+    """The parsed namespace with its sections as config dataclasses and the ``trainer``'s
+    class_path specs (callbacks, loggers, profiler, ...) built. A logger whose package is
+    missing is a ``UserError`` naming the package."""
+    from jsonargparse import ArgumentError as JsonArgError
+
+    try:
+        return parser.instantiate(ns)
+    except (JsonArgError, ValueError, TypeError, ImportError) as e:
+        raise UserError(config_error(str(e))) from None
+
+
+def parse_config(argv: list[str]):
+    """YAML + dotted overrides -> the run's config (sections as dataclasses, ``trainer`` with its
+    callbacks and loggers built); unknown keys and mistyped values are errors naming the key."""
+    return instantiate_config(*load_config(argv))
+
+
+def dump_config(parser, ns) -> str:
+    """The parsed config as YAML that ``--config`` reads back to the same config (nulls kept:
+    a null that overrides a non-null default must survive the round trip)."""
+    return parser.dump(ns, skip_none=False)
+
+
+def config_error(message: str, keys: list[str] = ()) -> str:
+    """jsonargparse's multi-line error -> one line: the key, the value given and the most
+    specific reason (a missing package, a bad class_path, the types expected); for an unknown
+    key, the closest of ``keys`` or why speedasr sets it itself."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return "invalid config"
+    unknown = _unknown_key(lines[0])
+    if unknown is not None:
+        return _unknown_key_error(unknown, keys)
+    key = re.search(r'[Kk]ey "([^"]+)"', lines[0])
+    given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), "")
+    if len(given) > 40 or given.startswith(("Namespace(", "[Namespace(", "{", "[{")):
+        given = ""  # a class_path spec: the reason names its class
+    where = f"{key.group(1)}={given}" if key and given else (key.group(1) if key else "")
+    requirement = re.search(r"Requirement '([^']+)' not met", message)
+    class_path = re.search(r"Problem with given class_path '([^']+)':", message)
+    if requirement:
+        package = re.split(r"[<>=!~ \[]", requirement.group(1))[0]
+        what = class_path.group(1) if class_path else "this config"
+        reason = (
+            f"{what} needs the package '{package}', which is not installed "
+            f"(pip install '{requirement.group(1)}')"
+        )
+        where = where or ("trainer.logger" if "Logger" in what else "")
+    elif "lightning.pytorch." in message:
+        reason = (
+            "speedasr uses the pytorch_lightning package: write class paths as "
+            "pytorch_lightning.loggers.CSVLogger (or just CSVLogger), not lightning.pytorch...."
+        )
+    elif not key:
+        reason = " ".join(lines)  # not about one key: jsonargparse's whole message
+    elif class_path:
+        after = lines[lines.index(next(ln for ln in lines if "Problem with given" in ln)) + 1]
+        reason = f"{class_path.group(1)}: {after.lstrip('- ')}"
+    else:
+        expected = [ln[len("- Expected a ") :] for ln in lines if ln.startswith("- Expected a ")]
+        specific = [
+            ln.lstrip("- ")
+            for ln in lines[1:]
+            if not ln.startswith(("- Expected a", "Given value", "Subtypes:", "Errors:"))
+            and not ln.startswith("Does not validate")
+        ]
+        if specific:
+            reason = _type_name(specific[0])
+        elif expected:
+            reason = "expected " + " or ".join(_type_name(t) for t in expected)
+        else:
+            reason = re.sub(r'^Parser key "[^"]+":\s*', "", " ".join(lines))
+    return f"{where}: {reason}" if where else reason
+
+
+def _unknown_key(first_line: str) -> str | None:
+    """The dotted key of jsonargparse's "unrecognized arguments: --a.b=1" (a flag) or "Group
+    'a' does not accept option 'b'" (a YAML key), or None."""
+    flag = re.match(r"[Uu]nrecognized arguments: --([\w.]+)", first_line)
+    if flag:
+        return flag.group(1)
+    group = re.match(r"Group '([\w.]+)' does not accept option '(\w+)'", first_line)
+    return f"{group.group(1)}.{group.group(2)}" if group else None
+
+
+def _unknown_key_error(key: str, keys: list[str]) -> str:
+    from speedasr.config import TRAINER_KEYS_SET_BY_SPEEDASR
+
+    section, _, name = key.rpartition(".")
+    if section == "trainer" and name in TRAINER_KEYS_SET_BY_SPEEDASR:
+        return f"{key} is not a config key: speedasr sets it ({TRAINER_KEYS_SET_BY_SPEEDASR[name]})"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return f"unknown config key {key}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def _type_name(text: str) -> str:
+    """``<class 'int'>`` -> ``int``; ``typing.Literal['a', 'b']`` -> ``one of 'a', 'b'``."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
+    return f"one of {literal.group(1)}" if literal else text.replace("NoneType", "null")
+
+
+def _print_config_requested(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without the print-config flags, and whether one was given."""
+    rest = [a for a in argv if a not in PRINT_CONFIG_FLAGS]
+    return rest, len(rest) != len(argv)
 
 
 def main(argv: list[str]) -> int:
-    if "--print-config" in argv:
-        import dataclasses
-        import json
-
-        cfg = parse_config([a for a in argv if a != "--print-config"])
-        plain = {
-            k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-            for k, v in vars(cfg).items()
-        }
-        print(json.dumps(plain, indent=2, default=str))
+    argv, print_only = _print_config_requested(argv)
+    parser, ns = load_config(argv)
+    if print_only:
+        print(dump_config(parser, ns), end="")
         return 0
-    return train(parse_config(argv))
+    return train(instantiate_config(parser, ns), config_yaml=dump_config(parser, ns))
 
 
-def train(cfg) -> int:
-    """Run training from a resolved ``TrainConfig``; returns a process exit code."""
+def train(cfg, config_yaml: str | None = None) -> int:
+    """Run training from a resolved config (``parse_config``); returns a process exit code.
+    ``config_yaml`` (``dump_config``'s text) is saved as ``out_dir/config.yaml``."""
     import pytorch_lightning as pl
     import torch
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     from speedasr.train.builder import (
         build_callbacks,
-        build_logger,
+        build_loggers,
         check_fresh_start,
+        describe_outputs,
+        log_run_config,
         resolve_resume,
     )
     from speedasr.train.module import AsrModule
@@ -78,6 +189,9 @@ def train(cfg) -> int:
     out_dir = Path(cfg.out_dir)
     check_fresh_start(out_dir, cfg.resume, cfg.checkpoint.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / CONFIG_FILE if config_yaml is not None else None
+    if config_path is not None and rank_zero_only.rank == 0:
+        config_path.write_text(config_yaml)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     limit_heap_arenas()  # host memory stays flat across epochs (docs/benchmarks.md)
@@ -88,25 +202,40 @@ def train(cfg) -> int:
         check_resume_checkpoint(ckpt, model_cfg, datamodule.tokenizer)
     module = AsrModule.build(model_cfg, cfg.optim, datamodule.tokenizer)
     callbacks, monitors = build_callbacks(cfg, out_dir)
-    trainer = pl.Trainer(
-        default_root_dir=str(out_dir),
-        logger=build_logger(out_dir),
-        callbacks=callbacks,
-        use_distributed_sampler=False,  # lhotse samplers shard by rank themselves
-        **vars(cfg.trainer),
-    )
+    settings = {k: v for k, v in vars(cfg.trainer).items() if k not in ("logger", "callbacks")}
+    loggers = build_loggers(out_dir, cfg.trainer.logger)
+    try:
+        trainer = pl.Trainer(
+            default_root_dir=str(out_dir),
+            logger=loggers,
+            callbacks=callbacks,
+            use_distributed_sampler=False,  # lhotse samplers shard by rank themselves
+            **settings,
+        )
+    except (MisconfigurationException, ValueError, TypeError) as e:  # e.g. two progress bars
+        raise UserError(f"trainer settings: {' '.join(str(e).split())}") from None
+    outputs = describe_outputs(out_dir, trainer.loggers, config_path)
+    if trainer.global_rank == 0:
+        print("this run writes:\n" + outputs)
+    if config_yaml is not None and cfg.trainer.enable_autolog_hparams:
+        log_run_config(trainer.loggers, config_yaml, skip=module.hparams)
     completed = False
     try:
-        code = _fit_and_report(trainer, module, datamodule, ckpt, callbacks, monitors, out_dir)
+        code = _fit_and_report(
+            trainer, module, datamodule, ckpt, callbacks, monitors, out_dir, config_path
+        )
         completed = True
         return code
     finally:
         _leave_process_group(wait_for_others=completed)
 
 
-def _fit_and_report(trainer, module, datamodule, ckpt, callbacks, monitors, out_dir) -> int:
+def _fit_and_report(
+    trainer, module, datamodule, ckpt, callbacks, monitors, out_dir, config_path
+) -> int:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from speedasr.train.builder import describe_outputs
     from speedasr.train.faults import FaultMonitor, GracefulStop
 
     start = time.time()
@@ -136,8 +265,8 @@ def _fit_and_report(trainer, module, datamodule, ckpt, callbacks, monitors, out_
         for m in monitors:
             if hasattr(m, "summary"):
                 print(m.summary())
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        print(f"checkpoints: {out_dir / 'checkpoints'} (best: {best or 'n/a'})")
+        wrote = describe_outputs(out_dir, trainer.loggers, config_path, trainer)
+        print(f"this run wrote:\n{wrote}")
     check_something_trained(trainer.global_step, faults, skipped_report)
     return 0
 
