@@ -21,7 +21,9 @@ GPU_SITE ?= /tmp/speedasr-site
 # speedasr's dependencies missing from the lent machines' image (Python 3.12; docs/benchmarks.md).
 GPU_WHEELS := lhotse==1.33.0 jiwer==4.0.0 jsonargparse==4.53.0 espeakng-loader==0.2.4 \
   soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 docstring-parser==0.18.0 typeshed-client==2.15.0 \
-  rapidfuzz==3.14.6 audioread==3.1.0 cytoolz==1.2.0 intervaltree==3.2.1
+  rapidfuzz==3.14.6 audioread==3.1.0 cytoolz==1.2.0 intervaltree==3.2.1 \
+  whisper-normalizer==0.1.15 regex==2026.12.2 more-itertools==11.2.1 text2num==3.1.0 \
+  indic-numtowords==1.1.0
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 \
   manylinux1,--platform $(p)_x86_64)
 DRY_RUN ?=
