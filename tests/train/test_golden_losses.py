@@ -70,7 +70,7 @@ CONFIG = [
 
 def train_losses(root: Path, threads: int = 1, extra: tuple[str, ...] = ()) -> dict[str, list]:
     """Per-step losses (``KEYS``) of the pinned run on the corpus under ``root``."""
-    saved = torch.get_num_threads()
+    saved = torch.get_num_threads(), torch.get_float32_matmul_precision()
     torch.set_num_threads(threads)
     out = root / f"exp-{threads}-{len(list(root.glob('exp-*')))}"
     try:
@@ -79,8 +79,9 @@ def train_losses(root: Path, threads: int = 1, extra: tuple[str, ...] = ()) -> d
              f"--data.tokenizer={root / 'tok'}", *extra]
         )  # fmt: skip
         assert train(cfg) == 0
-    finally:
-        torch.set_num_threads(saved)
+    finally:  # train() sets both for the process; later tests get theirs back
+        torch.set_num_threads(saved[0])
+        torch.set_float32_matmul_precision(saved[1])
     rows = list(csv.DictReader(next(out.glob("logs/version_*/metrics.csv")).open()))
     losses: dict[str, list] = {k: [] for k in KEYS}
     for row in rows:
