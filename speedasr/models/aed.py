@@ -48,13 +48,27 @@ class ModelConfig:
     encoder_layers: int = 6
     """Conformer blocks."""
     encoder_heads: int = 4
-    """Encoder attention heads (``d_model / encoder_heads`` must be even: rotary)."""
+    """Encoder attention heads (``d_model / encoder_heads`` must be even with rotary positions)."""
     conv_kernel: int = 9
     """Depthwise convolution kernel of the conformer conv module (odd)."""
     block_out_norm: bool = False
     """A LayerNorm at the end of every conformer block, as in the Conformer paper and NeMo (the
     Canary presets); False: a single LayerNorm after the last block, which trains from scratch
     much faster on small data (docs/training.md)."""
+    encoder_positions: Literal["rotary", "rel_pos"] = "rotary"
+    """Encoder self-attention positions: rotary, or Transformer-XL relative positions with a
+    per-layer ``linear_pos`` and ``pos_bias_u/v`` (NeMo Canary's ``rel_pos``). rel_pos runs on the
+    pure-PyTorch attention path only (no Triton kernel yet): ``attention_backend`` 'auto' sends the
+    encoder there and keeps the kernels for the decoder."""
+    xscaling: bool = False
+    """Multiply the subsampling output by √d_model before the first block (NeMo's ``xscaling``)."""
+    conv_norm: Literal["layer", "batch"] = "layer"
+    """Norm of the conformer conv module: LayerNorm per frame, or BatchNorm over the real frames of
+    the batch (NeMo Canary). BatchNorm in training mode makes every utterance's output depend on
+    the rest of its batch; eval mode (running statistics) does not (docs/architecture.md)."""
+    conv_norm_frozen: bool = False
+    """With ``conv_norm='batch'``: normalise with the running statistics in training too and never
+    update them (fine-tuning on small batches; no utterance then affects another)."""
     decoder_layers: int = 2
     """Transformer decoder blocks."""
     decoder_d_model: int | None = None
@@ -93,7 +107,25 @@ class ModelConfig:
             (self.n_mels > 0, "n_mels must be > 0"),
             (0 <= self.pad_id < self.vocab_size, f"pad_id must be in [0, {self.vocab_size})"),
             (self.d_model % self.encoder_heads == 0, "d_model must be divisible by encoder_heads"),
-            ((self.d_model // self.encoder_heads) % 2 == 0, "encoder head dim must be even"),
+            (
+                self.encoder_positions == "rel_pos"
+                or (self.d_model // self.encoder_heads) % 2 == 0,
+                "encoder head dim must be even (rotary)",
+            ),
+            (
+                self.encoder_positions in ("rotary", "rel_pos"),
+                "encoder_positions must be 'rotary' or 'rel_pos'",
+            ),
+            (
+                self.encoder_positions != "rel_pos" or self.attention_backend in ("auto", "torch"),
+                "encoder_positions='rel_pos' needs attention_backend 'auto' or 'torch' (no "
+                f"{self.attention_backend} kernel computes relative positions yet)",
+            ),
+            (self.conv_norm in ("layer", "batch"), "conv_norm must be 'layer' or 'batch'"),
+            (
+                not self.conv_norm_frozen or self.conv_norm == "batch",
+                "conv_norm_frozen needs conv_norm='batch' (LayerNorm has no statistics to freeze)",
+            ),
             (dec_d % dec_h == 0, "decoder width must be divisible by decoder heads"),
             ((dec_d // dec_h) % 2 == 0, "decoder head dim must be even (rotary)"),
             (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
@@ -160,6 +192,8 @@ class AEDModel(nn.Module):
             layers=cfg.encoder_layers, heads=cfg.encoder_heads, d_ff=cfg.ff_mult * cfg.d_model,
             kernel_size=cfg.conv_kernel, dropout=cfg.dropout, rope_base=cfg.rope_base,
             attention_backend=cfg.attention_backend, block_out_norm=cfg.block_out_norm,
+            positions=cfg.encoder_positions, xscaling=cfg.xscaling, conv_norm=cfg.conv_norm,
+            conv_norm_frozen=cfg.conv_norm_frozen,
         )  # fmt: skip
         self.decoder = TransformerDecoder(
             vocab_size=cfg.vocab_size, d_model=cfg.dec_d_model, layers=cfg.decoder_layers,

@@ -109,6 +109,10 @@ def encoder_layer_params(cfg: ModelConfig) -> int:
     d, ff, k = cfg.d_model, cfg.ff_mult * cfg.d_model, cfg.conv_kernel
     feed_forward = 2 * d + _linear(d, ff) + _linear(ff, d)
     attention = 2 * d + _linear(d, 3 * d) + _linear(d, d)
+    if cfg.encoder_positions == "rel_pos":
+        attention += d * d + 2 * d  # linear_pos (no bias), pos_bias_u and pos_bias_v (H x d_head)
+    # the conv module's norm: LayerNorm or BatchNorm, 2d parameters either way (BN's statistics
+    # are buffers)
     conv = 2 * d + _linear(d, 2 * d) + (k * d + d) + 2 * d + _linear(d, d)
     return 2 * feed_forward + attention + conv + (2 * d if cfg.block_out_norm else 0)
 

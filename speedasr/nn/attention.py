@@ -13,17 +13,36 @@ Backends (``backend=``):
   - ``"triton"``: speedasr's Triton varlen flash-attention (``speedasr.kernels``), CUDA.
   - ``"flash_attn"``: ``flash_attn_varlen_func`` if the flash-attn package is installed, CUDA.
   - ``"auto"``: triton on CUDA when importable, else torch.
+
+Relative positions (``rel_pos=RelativePositions(query, table)``, Transformer-XL as in NeMo's
+``rel_pos`` encoders) add ``query[i] · table[R - 1 - (i - j)]`` to every score (semantics in
+``speedasr.nn.attention_torch``). Only the pure-PyTorch backend computes that term today: ``"auto"``
+sends such calls to it on every device, and ``"triton"`` / ``"flash_attn"`` raise ``ValueError``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 AttentionBackend = Literal["auto", "torch", "triton", "flash_attn"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "flash_attn")
+REL_POS_BACKENDS: tuple[str, ...] = ("auto", "torch")
+"""Backends that compute the relative-position term (no Triton/flash-attn kernel has it yet)."""
+
+
+class RelativePositions(NamedTuple):
+    """The Transformer-XL position term of one attention call.
+
+    ``query``: ``(total_q, H, D)`` (NeMo: ``q + pos_bias_v``); ``table``: ``(2R - 1, H, D)``, row
+    ``m`` for the relative distance ``i - j = R - 1 - m`` (NeMo: ``linear_pos`` of the sinusoid
+    table), ``R`` at least the longest sequence.
+    """
+
+    query: torch.Tensor
+    table: torch.Tensor
 
 
 def packed_attention(
@@ -37,16 +56,25 @@ def packed_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     backend: AttentionBackend = "auto",
+    rel_pos: RelativePositions | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences; returns ``(total_q, H, D)`` in q's dtype."""
+    if rel_pos is not None:
+        if backend not in REL_POS_BACKENDS:
+            raise ValueError(
+                f"attention backend {backend!r} cannot add relative positions (rel_pos): only "
+                "the pure-PyTorch path computes them; use backend 'auto' or 'torch'"
+            )
+        backend = "torch"
     if backend == "auto":
         backend = _auto_backend(q)
     if backend == "torch":
         from speedasr.nn.attention_torch import torch_packed_attention
 
         return torch_packed_attention(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
-        )
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+            rel_pos,
+        )  # fmt: skip
     if backend == "triton":
         from speedasr.kernels.flash_varlen import flash_attn_varlen
 

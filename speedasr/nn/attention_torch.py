@@ -41,11 +41,14 @@ def torch_packed_attention(
     max_seqlen_k: int,
     causal: bool = False,
     softmax_scale: float | None = None,
+    rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Packed attention: ``q: (ΣLq, H, D)``, ``k, v: (ΣLk, H, D)`` -> ``(ΣLq, H, D)``.
 
     ``cu_seqlens_*`` are read on the host once per call (the CPU path has no sync to avoid).
     ``max_seqlen_*`` are accepted for signature parity with the GPU kernels and not needed here.
+    ``rel_pos``: ``(query_pos (ΣLq, H, D), table (2R - 1, H, D))`` with ``R >=`` every segment's
+    length, adds the relative-position term (module docstring).
     """
     if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[1:] != k.shape[1:]:
         raise ValueError(f"expected q (Nq,H,D), k=v (Nk,H,D); got {q.shape}, {k.shape}, {v.shape}")
@@ -66,16 +69,24 @@ def torch_packed_attention(
     # padding slots read (never another utterance's rows); one more scatters the outputs back.
     # Their backwards are index_adds: per-group gathers, or ``x[idx]`` (an accumulating index_put
     # backward), cost as much as the attention itself on CPU.
-    q_all, k_all, v_all = (
-        torch.cat([t, t.new_zeros(1, heads, dim)]).index_select(0, idx)
-        for t, idx in ((q, plan.index_q), (k, plan.index_k), (v, plan.index_k))
+    gathers = [(q, plan.index_q), (k, plan.index_k), (v, plan.index_k)]
+    if rel_pos is not None:
+        longest = max((max(tq, tk) for _, tq, tk in plan.shapes), default=0)
+        _check_rel_pos(rel_pos, q.shape, longest)
+        gathers.append((rel_pos[0], plan.index_q))
+    q_all, k_all, v_all, *qp_all = (
+        torch.cat([t, t.new_zeros(1, heads, dim)]).index_select(0, idx) for t, idx in gathers
     )
+    qp_groups = qp_all[0].split(plan.sizes_q) if rel_pos is not None else [None] * len(plan.sizes_q)
     outputs = []
-    for (n, _, _), (mask, has_key), qg, kg, vg in zip(
+    for (n, tq, tk), (mask, has_key), qg, kg, vg, qpg in zip(
         plan.shapes, plan.masks, q_all.split(plan.sizes_q), k_all.split(plan.sizes_k),
-        v_all.split(plan.sizes_k), strict=True,
+        v_all.split(plan.sizes_k), qp_groups, strict=True,
     ):  # fmt: skip
         qg, kg, vg = (t.view(n, -1, heads, dim).transpose(1, 2) for t in (qg, kg, vg))
+        if qpg is not None:
+            qpg = qpg.view(n, tq, heads, dim).transpose(1, 2)
+            mask = relative_score_mask(qpg, rel_pos[1], tk, scale, mask)
         out = masked_sdpa(qg, kg, vg, mask, has_key, scale)  # (n, H, Tq, D)
         outputs.append(out.transpose(1, 2).flatten(0, 1))
     return torch.cat(outputs).index_select(0, plan.source)
@@ -149,18 +160,75 @@ def torch_padded_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     mask: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Padded attention: ``q: (B, Tq, H, D)``, ``k, v: (B, Tk, H, D)`` -> ``(B, Tq, H, D)``.
 
     Rows past ``lengths_q[b]`` hold finite junk (callers mask them); keys past ``lengths_k[b]`` are
     never attended. ``mask`` is a precomputed ``dense_attention_mask(...)`` (layers reuse one per
-    batch); by default it is built here.
+    batch); by default it is built here. ``rel_pos``: ``(query_pos (B, Tq, H, D), table
+    (2R - 1, H, D))``, ``R >= max(Tq, Tk)``: the relative-position term (module docstring).
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if mask is None:
         mask = dense_attention_mask(lengths_q, lengths_k, q.shape[1], k.shape[1], causal, q.device)
-    out = masked_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *mask, scale)
+    bool_mask, has_key = mask
+    if rel_pos is not None:
+        _check_rel_pos(rel_pos, q.shape, max(q.shape[1], k.shape[1]))
+        bool_mask = relative_score_mask(
+            rel_pos[0].transpose(1, 2), rel_pos[1], k.shape[1], scale, bool_mask
+        )
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = masked_sdpa(qt, kt, vt, bool_mask, has_key, scale)
     return out.transpose(1, 2)
+
+
+def relative_score_mask(
+    query_pos: torch.Tensor,
+    table: torch.Tensor,
+    tk: int,
+    scale: float,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The relative-position term as an additive SDPA mask: ``(B, H, Tq, tk)`` in q's dtype.
+
+    ``query_pos: (B, H, Tq, D)``, ``table: (2R - 1, H, D)`` (row ``m``: distance ``R - 1 - m``).
+    Entry ``(i, j)`` is ``scale · query_pos[i] · table[R - 1 - (i - j)]``, and ``-inf`` where the
+    boolean ``mask`` (``(B, 1, Tq, tk)``, True = attend) is False.
+
+    One matmul against the ``Tq + tk - 1`` rows of distances ``Tq - 1 .. -(tk - 1)``, then the
+    Transformer-XL shift as a strided view: in the row-major ``(Tq, W)`` product (``W = Tq + tk``,
+    one zero column appended) entry ``(i, j)`` lies at flat offset ``Tq - 1 + i·(W - 1) + j``.
+    """
+    tq = query_pos.shape[2]
+    r = (table.shape[0] + 1) // 2
+    rows = table[r - tq : r + tk - 1].transpose(0, 1)  # (H, Tq + tk - 1, D)
+    scores = torch.matmul(query_pos, rows.transpose(-1, -2).unsqueeze(0))  # (B, H, Tq, Tq+tk-1)
+    width = tq + tk
+    flat = F.pad(scores, (0, 1)).flatten(-2)
+    shifted = flat.narrow(-1, tq - 1, tq * (width - 1)).unflatten(-1, (tq, width - 1))[..., :tk]
+    bias = shifted * scale
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf"))
+    return bias
+
+
+def _check_rel_pos(
+    rel_pos: tuple[torch.Tensor, torch.Tensor], q_shape: torch.Size, longest: int
+) -> None:
+    query_pos, table = rel_pos
+    if query_pos.shape != q_shape:
+        raise ValueError(
+            f"rel_pos query {tuple(query_pos.shape)} does not match q {tuple(q_shape)}"
+        )
+    rows = table.shape[0]
+    if table.ndim != 3 or table.shape[1:] != q_shape[-2:] or rows % 2 == 0:
+        raise ValueError(f"rel_pos table must be (2R-1, H, D) with H, D of q; got {table.shape}")
+    if (rows + 1) // 2 < longest:
+        raise ValueError(
+            f"rel_pos table covers distances up to {(rows - 1) // 2}, but a sequence has "
+            f"{longest} positions (needs R >= {longest})"
+        )
 
 
 def plan_groups(
@@ -237,7 +305,8 @@ def masked_sdpa(
     has_key: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """``(B, H, Tq, D)`` attention with a boolean mask; rows with ``has_key == False`` are zero.
+    """``(B, H, Tq, D)`` attention with a boolean mask (or an additive float one, ``-inf`` =
+    masked: the relative-position term); rows with ``has_key == False`` are zero.
 
     The multiplication by ``has_key`` also zeroes those rows' gradients (to q, k and v alike).
     """

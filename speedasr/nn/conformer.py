@@ -1,24 +1,32 @@
 """FastConformer encoder: 8x convolutional subsampling, then conformer blocks; packed or padded.
 
 Every module takes ``x`` and a layout (``speedasr.nn.layout``): packed ``x: (N, D)`` with
-``N = Σ T'_i`` or padded ``x: (B, T', D)``. Nothing mixes utterances:
+``N = Σ T'_i`` or padded ``x: (B, T', D)``. Nothing mixes utterances, with one opt-in exception:
 
 - subsampling runs its convolutions on one zero "gapped" stream (packed) or on masked padded
   tensors; either way each utterance sees exactly the zeros it would see alone;
-- the conformer convolution module uses LayerNorm, not BatchNorm: BatchNorm's statistics would
-  mix all utterances of a batch (and the padding, in padded mode), so one utterance's output would
-  depend on the others' (and packed would differ from padded);
-- self-attention uses rotary positions that restart at 0 for every utterance.
+- the conformer convolution module uses LayerNorm by default (``conv_norm="layer"``), which never
+  looks across frames. ``conv_norm="batch"`` (NeMo Canary's BatchNorm, ``speedasr.nn.batchnorm``)
+  takes its statistics over the real frames of the whole batch in training mode: **then one
+  utterance's output depends on the others in its batch**. In eval mode, or with
+  ``conv_norm_frozen``, it uses running statistics and the rule holds again;
+- self-attention positions restart at 0 for every utterance: rotary (default) or Transformer-XL
+  relative positions (``positions="rel_pos"``, NeMo's ``rel_pos``, ``speedasr.nn.relpos``), whose
+  term depends only on the distance inside one utterance.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from speedasr.data.padding import encoder_length
+from speedasr.nn.batchnorm import FrameBatchNorm
 from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
+from speedasr.nn.relpos import RelPositionSelfAttention
 from speedasr.nn.rotary import apply_rotary
 from speedasr.nn.segments import Segments
 
@@ -173,12 +181,17 @@ class SelfAttention(nn.Module):
 
 
 class ConvModule(nn.Module):
-    """Conformer convolution: pointwise(D→2D) → GLU → depthwise(k) → LayerNorm → SiLU → pointwise.
+    """Conformer convolution: pointwise(D→2D) → GLU → depthwise(k) → norm → SiLU → pointwise.
 
-    LayerNorm normalizes each frame over its channels: no statistic crosses frames or utterances.
+    ``norm="layer"``: LayerNorm normalizes each frame over its channels, no statistic crosses
+    frames or utterances. ``norm="batch"``: BatchNorm over the batch's real frames (NeMo Canary;
+    in training mode utterances then affect each other, see ``speedasr.nn.batchnorm``);
+    ``norm_frozen`` keeps its running statistics fixed.
     """
 
-    def __init__(self, d_model: int, kernel_size: int) -> None:
+    def __init__(
+        self, d_model: int, kernel_size: int, norm: str = "layer", norm_frozen: bool = False
+    ) -> None:
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(
@@ -188,13 +201,19 @@ class ConvModule(nn.Module):
         self.depthwise = nn.Conv1d(
             d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model
         )
-        self.norm = nn.LayerNorm(d_model)
+        if norm == "layer":
+            self.norm = nn.LayerNorm(d_model)
+        elif norm == "batch":
+            self.norm = FrameBatchNorm(d_model, frozen=norm_frozen)
+        else:
+            raise ValueError(f"conv norm must be 'layer' or 'batch', got {norm!r}")
         self.pointwise_out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         h = F.glu(self.pointwise_in(x), dim=-1)
         h = layout.depthwise_conv(h, self.depthwise)
-        return self.pointwise_out(F.silu(self.norm(h)))
+        h = self.norm(h, layout) if isinstance(self.norm, FrameBatchNorm) else self.norm(h)
+        return self.pointwise_out(F.silu(h))
 
 
 class ConformerBlock(nn.Module):
@@ -203,15 +222,20 @@ class ConformerBlock(nn.Module):
 
     def __init__(
         self, d_model: int, heads: int, d_ff: int, kernel_size: int, dropout: float,
-        rope_base: float = 10000.0, out_norm: bool = True,
+        rope_base: float = 10000.0, out_norm: bool = True, positions: str = "rotary",
+        conv_norm: str = "layer", conv_norm_frozen: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.ff1_norm, self.ff1 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
-        self.attn_norm, self.attn = (
-            nn.LayerNorm(d_model),
-            SelfAttention(d_model, heads, rope_base=rope_base),
-        )
-        self.conv_norm, self.conv = nn.LayerNorm(d_model), ConvModule(d_model, kernel_size)
+        if positions == "rotary":
+            attn = SelfAttention(d_model, heads, rope_base=rope_base)
+        elif positions == "rel_pos":
+            attn = RelPositionSelfAttention(d_model, heads)
+        else:
+            raise ValueError(f"encoder positions must be 'rotary' or 'rel_pos', got {positions!r}")
+        self.attn_norm, self.attn = nn.LayerNorm(d_model), attn
+        self.conv_norm = nn.LayerNorm(d_model)
+        self.conv = ConvModule(d_model, kernel_size, conv_norm, conv_norm_frozen)
         self.ff2_norm, self.ff2 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.out_norm = nn.LayerNorm(d_model) if out_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
@@ -231,18 +255,34 @@ class ConformerEncoder(nn.Module):
     LayerNorm after the last block (the pre-LN Transformer arrangement), whose residual stream
     is never renormalized and which leaves its all-blank CTC plateau much sooner when trained
     from scratch on little data (docs/training.md).
+    positions: ``"rotary"`` or ``"rel_pos"`` (Transformer-XL, NeMo Canary; torch attention only).
+    xscaling: multiply the subsampling output by ``√d_model`` (NeMo's ``xscaling``).
+    conv_norm, conv_norm_frozen: the conv module's norm (``ConvModule``).
     """
 
     def __init__(
         self, n_mels: int, subsampling_channels: int, d_model: int, layers: int, heads: int,
         d_ff: int, kernel_size: int, dropout: float, rope_base: float = 10000.0,
-        attention_backend: str = "auto", block_out_norm: bool = False,
+        attention_backend: str = "auto", block_out_norm: bool = False, positions: str = "rotary",
+        xscaling: bool = False, conv_norm: str = "layer", conv_norm_frozen: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.subsampling = ConvSubsampling(n_mels, subsampling_channels, d_model)
+        self.xscale = math.sqrt(d_model) if xscaling else 1.0
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            ConformerBlock(d_model, heads, d_ff, kernel_size, dropout, rope_base, block_out_norm)
+            ConformerBlock(
+                d_model,
+                heads,
+                d_ff,
+                kernel_size,
+                dropout,
+                rope_base,
+                block_out_norm,
+                positions,
+                conv_norm,
+                conv_norm_frozen,
+            )  # fmt: skip
             for _ in range(layers)
         )
         self.norm = nn.Identity() if block_out_norm else nn.LayerNorm(d_model)
@@ -254,7 +294,7 @@ class ConformerEncoder(nn.Module):
         """``features: (ΣT, n_mels)`` -> ``(ΣT', D)`` with ``T'_i = encoder_length(T_i)``."""
         x, enc_segments = self.subsampling.forward_packed(features, segments)
         layout = PackedLayout(enc_segments, self.attention_backend)
-        x = self.dropout(x)
+        x = self.dropout(x * self.xscale if self.xscale != 1.0 else x)
         for block in self.blocks:
             x = block(x, layout)
         return self.norm(x), layout
@@ -265,7 +305,7 @@ class ConformerEncoder(nn.Module):
         """``features: (B, T, n_mels)`` -> ``(B, T', D)``; rows past each length are junk."""
         x, enc_segments, length = self.subsampling.forward_padded(features, segments)
         layout = PaddedLayout(enc_segments, length)
-        x = self.dropout(x)
+        x = self.dropout(x * self.xscale if self.xscale != 1.0 else x)
         for block in self.blocks:
             x = block(x, layout)
         return self.norm(x), layout

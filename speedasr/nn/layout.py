@@ -6,6 +6,7 @@ padded:
 
 - ``attend(q, k, v, keys, causal)``: attention inside each sequence (self or cross);
 - ``rotary(head_dim, base)``: RoPE tables from per-sequence positions;
+- ``relative_sinusoids(dim)``: the Transformer-XL table of relative distances (``nn.relpos``);
 - ``depthwise_conv(x, conv)``: a "same" 1D convolution along time that never crosses sequences.
 
 A layout is built once per batch and stage (encoder frames, decoder tokens) and caches what it
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from speedasr.nn.attention import AttentionBackend, packed_attention
+from speedasr.nn.attention import AttentionBackend, RelativePositions, packed_attention
 from speedasr.nn.attention_torch import dense_attention_mask, torch_padded_attention
+from speedasr.nn.relpos import relative_sinusoids
 from speedasr.nn.rotary import rotary_tables
 from speedasr.nn.segments import Segments
 
@@ -45,14 +47,25 @@ class PackedLayout:
             self._cache[key] = rotary_tables(self.segments.positions, head_dim, base)
         return self._cache[key]
 
+    def relative_sinusoids(self, dim: int) -> torch.Tensor:
+        """``(2R - 1, dim)`` float32 sinusoids of the distances ``R - 1 .. -(R - 1)``, R the
+        longest sequence (``speedasr.nn.relpos``)."""
+        key = ("relative", dim)
+        if key not in self._cache:
+            self._cache[key] = relative_sinusoids(
+                self.segments.max_seqlen, dim, self.segments.positions.device
+            )
+        return self._cache[key]
+
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: PackedLayout, causal: bool
-    ) -> torch.Tensor:
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: PackedLayout, causal: bool,
+        rel_pos: RelativePositions | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """``q: (Nq, H, D)``, ``k, v: (Nk, H, D)`` laid out by ``keys`` -> ``(Nq, H, D)``."""
         s, t = self.segments, keys.segments
         return packed_attention(
             q, k, v, s.cu_seqlens, t.cu_seqlens, s.max_seqlen, t.max_seqlen,
-            causal=causal, backend=self.backend,
+            causal=causal, backend=self.backend, rel_pos=rel_pos,
         )  # fmt: skip
 
     def depthwise_conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -118,9 +131,17 @@ class PaddedLayout:
             self._cache[key] = rotary_tables(self.positions, head_dim, base)
         return self._cache[key]
 
+    def relative_sinusoids(self, dim: int) -> torch.Tensor:
+        """``(2T - 1, dim)`` float32 sinusoids of the distances ``T - 1 .. -(T - 1)``."""
+        key = ("relative", dim)
+        if key not in self._cache:
+            self._cache[key] = relative_sinusoids(self.length, dim, self.segments.positions.device)
+        return self._cache[key]
+
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: PaddedLayout, causal: bool
-    ) -> torch.Tensor:
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: PaddedLayout, causal: bool,
+        rel_pos: RelativePositions | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """``q: (B, Tq, H, D)``, ``k, v: (B, Tk, H, D)`` -> ``(B, Tq, H, D)``, masked densely."""
         key = ("mask", id(keys), causal)
         if key not in self._cache:
@@ -129,8 +150,9 @@ class PaddedLayout:
                 q.device,
             )  # fmt: skip
         return torch_padded_attention(
-            q, k, v, self.segments.lengths, keys.segments.lengths, causal, mask=self._cache[key]
-        )
+            q, k, v, self.segments.lengths, keys.segments.lengths, causal, mask=self._cache[key],
+            rel_pos=rel_pos,
+        )  # fmt: skip
 
     def depthwise_conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``; padding frames are zeroed first, so they read as the zeros

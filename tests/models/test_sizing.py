@@ -32,6 +32,13 @@ CONFIGS = [
     ModelConfig(d_model=96, encoder_heads=2, decoder_d_model=64, decoder_heads=4, n_mels=64),
     ModelConfig(tie_embeddings=False, ctc_weight=0.0, conv_kernel=31, ff_mult=2),
     ModelConfig(absolute_token_positions=True, absolute_memory_positions=True),
+    ModelConfig(
+        encoder_positions="rel_pos",
+        conv_norm="batch",
+        xscaling=True,
+        encoder_heads=16,
+        decoder_heads=4,
+    ),  # odd encoder head dim (9): allowed with rel_pos
 ]
 
 

@@ -15,12 +15,33 @@ from speedasr.nn.segments import Segments
 N_MELS = 20
 
 
-def encoder(layers=2, block_out_norm=False):
+def encoder(layers=2, block_out_norm=False, **options):
     torch.manual_seed(0)
     return ConformerEncoder(
         n_mels=N_MELS, subsampling_channels=4, d_model=16, layers=layers, heads=2, d_ff=32,
         kernel_size=5, dropout=0.0, attention_backend="torch", block_out_norm=block_out_norm,
+        **options,
     ).eval()  # fmt: skip
+
+
+CANARY = dict(positions="rel_pos", xscaling=True, conv_norm="batch")
+"""NeMo Canary's encoder options."""
+
+
+def canary_encoder(**options):
+    """The Canary options with every position bias and BatchNorm statistic randomized (their
+    init values, zeros and identity statistics, would hide a term that is never applied)."""
+    enc = encoder(block_out_norm=True, **{**CANARY, **options})
+    with torch.no_grad():
+        for name, t in enc.named_buffers():
+            if name.endswith("running_mean"):
+                t.normal_()
+            elif name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+        for name, p in enc.named_parameters():
+            if "pos_bias" in name or name.endswith("conv.norm.weight"):
+                p.normal_()
+    return enc
 
 
 def features(lengths, seed=0):
@@ -136,8 +157,9 @@ def test_encoder_packed_equals_padded_and_alone_with_gradients(block_out_norm):
         close(a, b)
 
 
-def test_perturbing_one_utterance_leaves_others_bit_identical():
-    enc = encoder()
+@pytest.mark.parametrize("canary", [False, True], ids=["default", "canary-eval"])
+def test_perturbing_one_utterance_leaves_others_bit_identical(canary):
+    enc = canary_encoder() if canary else encoder()
     lengths = [33, 9, 50, 2]
     seg = Segments.from_lengths(lengths)
     x = features(lengths).requires_grad_()
@@ -184,3 +206,68 @@ def test_subsampling_stream_isolates_every_length_combination():
             assert yi.shape == alone[0].shape
             if yi.numel():
                 close(yi, alone[0])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [CANARY, dict(positions="rel_pos"), dict(conv_norm="batch")],
+    ids=["rel_pos+batch+xscaling", "rel_pos", "batch"],
+)
+def test_canary_options_packed_equals_padded_and_alone_in_eval(options):
+    enc = canary_encoder(**options)
+    seg = Segments.from_lengths(LENGTHS)
+    x = features(LENGTHS).requires_grad_()
+    y, layout = enc.forward_packed(x, seg)
+    y_pad, _ = enc.forward_padded(seg.pad(x, value=5.0), seg)
+    close(layout.segments.unpad(y_pad), y)
+    for xi, yi in zip(seg.split(x), layout.segments.split(y), strict=True):
+        alone, _ = enc.forward_packed(xi, Segments.from_lengths([xi.shape[0]]))
+        close(yi, alone)
+    w = torch.randn_like(y)
+    params = list(enc.parameters())
+    g1 = torch.autograd.grad((y * w).sum(), [x, *params])
+    g2 = torch.autograd.grad((layout.segments.unpad(y_pad) * w).sum(), [x, *params])
+    for a, b in zip(g1, g2, strict=True):
+        close(a, b)
+
+
+def test_frozen_batchnorm_keeps_utterances_apart_in_training():
+    enc = canary_encoder(conv_norm_frozen=True).train()  # dropout is 0: only BN differs
+    stats = {k: v.clone() for k, v in enc.state_dict().items() if "running" in k}
+    seg = Segments.from_lengths(LENGTHS)
+    x = features(LENGTHS)
+    y, layout = enc.forward_packed(x, seg)
+    y_pad, _ = enc.forward_padded(seg.pad(x), seg)
+    close(layout.segments.unpad(y_pad), y)
+    for xi, yi in zip(seg.split(x), layout.segments.split(y), strict=True):
+        alone, _ = enc.forward_packed(xi, Segments.from_lengths([xi.shape[0]]))
+        close(yi, alone)
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in stats.items())
+
+
+def test_training_batchnorm_packed_equals_padded_but_couples_utterances():
+    # masked statistics: padded training = packed training, same running statistics after
+    packed_enc, padded_enc = canary_encoder().train(), canary_encoder().train()
+    seg = Segments.from_lengths(LENGTHS)
+    x = features(LENGTHS)
+    y, layout = packed_enc.forward_packed(x, seg)
+    y_pad, _ = padded_enc.forward_padded(seg.pad(x, value=5.0), seg)
+    close(layout.segments.unpad(y_pad), y)
+    stats = padded_enc.state_dict()
+    for k, a in packed_enc.state_dict().items():
+        if "running" in k:
+            close(a, stats[k])
+    # ...but an utterance's output now depends on its batch (documented in speedasr.nn.batchnorm)
+    first = seg.split(x)[-1]
+    alone, _ = canary_encoder().train().forward_packed(first, Segments.from_lengths([len(first)]))
+    assert not torch.allclose(layout.segments.split(y)[-1], alone, atol=1e-3)
+
+
+def test_xscaling_multiplies_the_subsampling_output():
+    seg = Segments.from_lengths([30, 9])
+    x = features([30, 9])
+    plain = encoder(layers=0, block_out_norm=True)
+    scaled = encoder(layers=0, block_out_norm=True, xscaling=True)  # same seed: same weights
+    y, _ = plain.forward_packed(x, seg)
+    ys, _ = scaled.forward_packed(x, seg)
+    close(ys, y * 4.0)  # sqrt(d_model = 16)
