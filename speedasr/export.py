@@ -34,7 +34,8 @@ from torch import nn
 from speedasr.data.audio import SAMPLE_RATE
 from speedasr.data.padding import encoder_length
 from speedasr.errors import UserError
-from speedasr.nn.attention_torch import masked_sdpa
+from speedasr.nn.attention_torch import masked_sdpa, relative_score_mask
+from speedasr.nn.relpos import relative_sinusoids
 from speedasr.nn.rotary import rotary_tables
 
 FEATURES = (
@@ -70,11 +71,17 @@ class LengthsLayout:
     def rotary(self, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_tables(self.positions, head_dim, base)
 
+    def relative_sinusoids(self, dim: int) -> torch.Tensor:
+        """``(2T - 1, dim)``: the relative-position table (``speedasr.nn.relpos``)."""
+        return relative_sinusoids(self.length, dim, self.lengths.device)
+
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: LengthsLayout, causal: bool
-    ) -> torch.Tensor:
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: LengthsLayout, causal: bool,
+        rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """``q: (B, Tq, H, D)``, ``k, v: (B, Tk, H, D)`` -> ``(B, Tq, H, D)``; causal is
-        bottom-right aligned, rows that see no key are zero (``dense_attention_mask``'s rules)."""
+        bottom-right aligned, rows that see no key are zero (``dense_attention_mask``'s rules);
+        ``rel_pos``: the relative-position term (``speedasr.nn.attention_torch``)."""
         lq, lk = self.lengths[:, None, None], keys.lengths[:, None, None]
         qpos, kpos = self.positions[None, :, None], keys.positions[None, None, :]
         mask = kpos < lk
@@ -82,10 +89,15 @@ class LengthsLayout:
             mask = mask & (kpos <= qpos + lk - lq)
         mask = mask[:, None]  # (B, 1, Tq, Tk)
         has_key = mask.any(dim=-1, keepdim=True)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        mask = mask | ~has_key
+        if rel_pos is not None:
+            mask = relative_score_mask(
+                rel_pos[0].transpose(1, 2), rel_pos[1], k.shape[1], scale, mask
+            )
         out = masked_sdpa(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask | ~has_key, has_key,
-            1.0 / math.sqrt(q.shape[-1]),
-        )  # fmt: skip
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, has_key, scale
+        )
         return out.transpose(1, 2)
 
     def depthwise_conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -110,7 +122,7 @@ class PaddedEncoder(nn.Module):
             h = h * (time[None] < lengths[:, None]).to(h.dtype)[:, None, :, None]
             h = F.relu(conv(h))
             lengths = encoder_length(lengths, num_stages=1)
-        x = sub.out(h.transpose(1, 2).flatten(2))  # (B, T', D)
+        x = sub.out(h.transpose(1, 2).flatten(2)) * self.encoder.xscale  # (B, T', D)
         layout = LengthsLayout(lengths, x.shape[1])
         for block in self.encoder.blocks:
             x = block(x, layout)

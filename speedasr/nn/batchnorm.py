@@ -46,15 +46,11 @@ class FrameBatchNorm(nn.BatchNorm1d):
         return f"{super().extra_repr()}, frozen={self.frozen}"
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:  # type: ignore[override]
-        batch_stats = self.training and not self.frozen
+        if not self.training or self.frozen:
+            return self._running(x)  # reads nothing of the layout (export wrappers rely on it)
         n = x.shape[0] if layout.packed else layout.segments.total
-        if not batch_stats or n == 0:
-            # running statistics: each frame alone (reshape: F.batch_norm wants channels at dim 1)
-            y = F.batch_norm(
-                x.reshape(-1, x.shape[-1]), self.running_mean, self.running_var, self.weight,
-                self.bias, False, 0.0, self.eps,
-            )  # fmt: skip
-            return y.view_as(x)
+        if n == 0:
+            return self._running(x)
         if n == 1:
             raise ValueError(
                 "conv_norm='batch' in training mode needs more than one real encoder frame per "
@@ -74,3 +70,11 @@ class FrameBatchNorm(nn.BatchNorm1d):
         if layout.packed:
             return y
         return x.new_zeros(x.shape).index_put((layout.mask,), y)
+
+    def _running(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise with the running statistics: each frame alone, any leading shape."""
+        y = F.batch_norm(
+            x.reshape(-1, x.shape[-1]), self.running_mean, self.running_var, self.weight,
+            self.bias, False, 0.0, self.eps,
+        )  # fmt: skip
+        return y.view_as(x)

@@ -114,3 +114,21 @@ def test_option_checks():
     assert (defaults.encoder_positions, defaults.conv_norm, defaults.xscaling) == (
         "rotary", "layer", False,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"encoder_positions": "rotary", "conv_norm": "layer"}], ids=["all", "xscaling"]
+)
+def test_export_wrapper_applies_the_options(options):
+    # speedasr export's PaddedEncoder reuses the blocks through a lengths-tensor layout: it must
+    # apply xscaling and the relative positions, and BatchNorm's running statistics
+    from speedasr.export import PaddedEncoder
+
+    m = model(**options).eval()
+    b = batch(list(range(len(FRAMES))))
+    with torch.no_grad():
+        want, segments = m.encode(b.features, b.feature_segments)
+        lengths = torch.tensor(b.feature_segments.lengths)
+        got, got_lengths, _ = PaddedEncoder(m)(b.feature_segments.pad(b.features), lengths)
+    assert tuple(got_lengths.tolist()) == segments.lengths
+    rel_close(segments.unpad(got), want)
