@@ -196,3 +196,24 @@ def test_layer_packed_equals_padded_alone_and_reference_with_gradients():
     g_padded = torch.autograd.grad((seg.unpad(padded) * w).sum(), [x, *params])
     for a, b in zip(g_packed, g_padded, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_random_lengths_packed_and_padded(seed):
+    rng = torch.Generator().manual_seed(100 + seed)
+    count = int(torch.randint(1, 7, (1,), generator=rng))
+    lengths = torch.randint(0, 40, (count,), generator=rng).tolist()
+    lengths[int(torch.randint(0, count, (1,), generator=rng))] = 1  # always a length-1 segment
+    q, k, v, qp, table = make(lengths, heads=3, dim=4, extra=seed, seed=seed)
+    m = max(lengths)
+    ref = reference(q, k, v, qp, table, lengths)
+    packed = torch_packed_attention(q, k, v, cu(lengths), cu(lengths), m, m, rel_pos=(qp, table))
+    seg = Segments.from_lengths(lengths)
+    qd, kd, vd, qpd = (seg.pad(t, value=-7.0) for t in (q, k, v, qp))
+    padded = seg.unpad(torch_padded_attention(qd, kd, vd, lengths, lengths, rel_pos=(qpd, table)))
+    for out in (packed, padded):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        got = torch.autograd.grad(out.square().sum(), (q, k, v, qp, table))
+        want = torch.autograd.grad(ref.square().sum(), (q, k, v, qp, table), retain_graph=True)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
