@@ -214,9 +214,8 @@ def train(cfg, config_yaml: str | None = None) -> int:
         )
     except (MisconfigurationException, ValueError, TypeError) as e:  # e.g. two progress bars
         raise UserError(f"trainer settings: {' '.join(str(e).split())}") from None
-    outputs = describe_outputs(out_dir, trainer.loggers, config_path)
-    if trainer.global_rank == 0:
-        print("this run writes:\n" + outputs)
+    if rank_zero_only.rank == 0:  # (the trainer's rank is set only when fit starts)
+        print("this run writes:\n" + describe_outputs(out_dir, trainer.loggers, config_path))
     if config_yaml is not None and cfg.trainer.enable_autolog_hparams:
         log_run_config(trainer.loggers, config_yaml, skip=module.hparams)
     completed = False

@@ -129,7 +129,7 @@ def test_bool_typo_in_yaml_is_an_error(tmp_path):
 # --- help and print_config ------------------------------------------------------------------------
 
 
-def test_help_describes_every_section_and_fits_on_few_lines(capsys):
+def test_help_describes_every_section_in_few_lines(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
@@ -137,8 +137,11 @@ def test_help_describes_every_section_and_fits_on_few_lines(capsys):
     assert "Seed for weights, sampler and augmentation." in text  # a TrainConfig field
     assert "Peak learning rate (reached at the end of warmup)." in text  # OptimConfig
     assert "How much of validation dataset to check" in text  # Lightning's Trainer docstring
-    assert text.startswith("usage: speedasr train [--config FILE.yaml] [--KEY=VALUE ...]")
-    assert len(text.splitlines()) < 300  # was 298 lines without a single description
+    lines = text.splitlines()
+    assert lines[0].startswith("usage: speedasr train [--config FILE.yaml] [--KEY=VALUE ...]")
+    assert lines[1] == ""  # one usage line, not one per key
+    keys = [line for line in lines if line.startswith("  --")]
+    assert len(lines) < 2.5 * len(keys)  # was 298 lines for 97 keys, without descriptions
 
 
 def test_print_config_flags_print_yaml_that_config_reads_back(tmp_path, capfd):
