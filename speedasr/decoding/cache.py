@@ -91,7 +91,7 @@ class KVCache:
             self_v.append(memory.new_zeros(batch, heads, capacity, head_dim, dtype=dtype))
         lengths = torch.zeros(batch, dtype=torch.int64, device=memory.device)
         rotary = (memory.new_zeros(capacity, 0), memory.new_zeros(capacity, 0))
-        if len(decoder.blocks):
+        if len(decoder.blocks) and decoder.blocks[0].self_attn.rotary:
             attn = decoder.blocks[0].self_attn  # every block has the same head size and base
             slots = torch.arange(capacity, device=memory.device)
             cos, sin = rotary_tables(slots, attn.head_dim, attn.rope_base)

@@ -21,6 +21,7 @@ from torch import nn
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 from speedasr.nn.conformer import ConformerEncoder
 from speedasr.nn.decoder import TransformerDecoder
+from speedasr.nn.filterbank import NemoFilterbank
 from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
 from speedasr.nn.segments import Segments
 
@@ -88,6 +89,13 @@ class ModelConfig:
     """Scale of the sinusoids added to the token embeddings: None is 1 / √width (Canary's: the
     sinusoids are as large as the embeddings); 1.0 lets position dominate the embedding before
     its LayerNorm (docs/training.md)."""
+    decoder_rotary: bool = True
+    """Rotary positions in the decoder's self-attention; False: none, the positions are only the
+    ``absolute_token_positions`` (NeMo Canary's decoder)."""
+    frontend: Literal["lhotse", "nemo"] = "lhotse"
+    """Feature extraction: lhotse's Kaldi fbank (``AsrDataset``), or NeMo's log-mel front end
+    (``speedasr.nn.filterbank.NemoFilterbank``, a module of the model whose window and filterbank
+    are in the checkpoint: imported Canary models)."""
     absolute_memory_positions: bool = False
     """Add fixed sinusoidal positions to the encoder output that cross-attention reads, so the
     decoder can align tokens to frames by position as well as by content (docs/training.md)."""
@@ -127,7 +135,11 @@ class ModelConfig:
                 "conv_norm_frozen needs conv_norm='batch' (LayerNorm has no statistics to freeze)",
             ),
             (dec_d % dec_h == 0, "decoder width must be divisible by decoder heads"),
-            ((dec_d // dec_h) % 2 == 0, "decoder head dim must be even (rotary)"),
+            (
+                not self.decoder_rotary or (dec_d // dec_h) % 2 == 0,
+                "decoder head dim must be even (rotary)",
+            ),
+            (self.frontend in ("lhotse", "nemo"), "frontend must be 'lhotse' or 'nemo'"),
             (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
             (self.encoder_layers >= 0 and self.decoder_layers >= 0, "layer counts must be >= 0"),
             (0.0 <= self.ctc_weight <= 1.0, "ctc_weight must be in [0, 1]"),
@@ -201,9 +213,10 @@ class AEDModel(nn.Module):
             memory_dim=cfg.d_model, tie_embeddings=cfg.tie_embeddings, rope_base=cfg.rope_base,
             token_positions=cfg.absolute_token_positions,
             token_position_scale=cfg.token_position_scale,
-            memory_positions=cfg.absolute_memory_positions,
+            memory_positions=cfg.absolute_memory_positions, self_rotary=cfg.decoder_rotary,
         )  # fmt: skip
         self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight > 0 else None
+        self.frontend = NemoFilterbank(cfg.n_mels) if cfg.frontend == "nemo" else None
 
     @property
     def weight_dtype(self) -> torch.dtype:

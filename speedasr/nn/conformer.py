@@ -157,25 +157,29 @@ class FeedForward(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions; causal for the decoder.
 
-    ``x: (N, D)`` packed or ``(B, T, D)`` padded -> same shape.
+    ``x: (N, D)`` packed or ``(B, T, D)`` padded -> same shape. ``rotary=False``: no positions in
+    the attention itself (NeMo's Canary decoder, whose positions are added to the embeddings).
     """
 
     def __init__(
-        self, d_model: int, heads: int, causal: bool = False, rope_base: float = 10000.0
-    ) -> None:
+        self, d_model: int, heads: int, causal: bool = False, rope_base: float = 10000.0,
+        rotary: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
         self.heads, self.head_dim, self.causal, self.rope_base = (
             heads, d_model // heads, causal, rope_base,
         )  # fmt: skip
+        self.rotary = rotary
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
-        cos, sin = layout.rotary(self.head_dim, self.rope_base)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rotary:
+            cos, sin = layout.rotary(self.head_dim, self.rope_base)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = layout.attend(q, k, v, layout, causal=self.causal)
         return self.proj(out.flatten(-2))
 

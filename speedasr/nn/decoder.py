@@ -59,11 +59,14 @@ class CrossAttention(nn.Module):
 
 class DecoderBlock(nn.Module):
     def __init__(
-        self, d_model: int, heads: int, d_ff: int, dropout: float, rope_base: float = 10000.0
-    ) -> None:
+        self, d_model: int, heads: int, d_ff: int, dropout: float, rope_base: float = 10000.0,
+        rotary: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.self_norm = nn.LayerNorm(d_model)
-        self.self_attn = SelfAttention(d_model, heads, causal=True, rope_base=rope_base)
+        self.self_attn = SelfAttention(
+            d_model, heads, causal=True, rope_base=rope_base, rotary=rotary
+        )
         self.cross_norm = nn.LayerNorm(d_model)
         self.cross_attn = CrossAttention(d_model, heads)
         self.ff_norm = nn.LayerNorm(d_model)
@@ -100,8 +103,10 @@ class DecoderBlock(nn.Module):
         """
         attn = self.self_attn
         qkv = attn.qkv(self.self_norm(x)).unflatten(-1, (3, attn.heads, attn.head_dim))
-        cos, sin = rotary
-        qk = apply_rotary(qkv[:, :, :2], cos[:, :, None], sin[:, :, None])  # q and k in one call
+        qk = qkv[:, :, :2]
+        if attn.rotary:
+            cos, sin = rotary
+            qk = apply_rotary(qk, cos[:, :, None], sin[:, :, None])  # q and k in one call
         k_cache, v_cache = self_kv
         k_cache[write_index[0], :, write_index[1]] = qk[:, :, 1].to(k_cache.dtype)
         v_cache[write_index[0], :, write_index[1]] = qkv[:, :, 2].to(v_cache.dtype)
@@ -126,6 +131,8 @@ class TransformerDecoder(nn.Module):
         token_positions: add sinusoidal positions to the token embeddings, then a LayerNorm
             (NeMo's ``TransformerEmbedding``, as in Canary).
         token_position_scale: what the sinusoids are multiplied by; None: 1 / √d (Canary's).
+        self_rotary: rotary positions in self-attention; False: none (Canary's decoder, with
+            ``token_positions``).
         memory_positions: add sinusoidal positions (unscaled: the encoder output is normalized to
             unit scale) to the encoder output, after the width projection.
     """
@@ -134,7 +141,7 @@ class TransformerDecoder(nn.Module):
         self, vocab_size: int, d_model: int, layers: int, heads: int, d_ff: int, dropout: float,
         memory_dim: int, tie_embeddings: bool = True, rope_base: float = 10000.0,
         token_positions: bool = False, memory_positions: bool = False,
-        token_position_scale: float | None = None,
+        token_position_scale: float | None = None, self_rotary: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -147,7 +154,8 @@ class TransformerDecoder(nn.Module):
         # Encoder and decoder widths may differ (canary-180m-flash: 512 -> 1024).
         self.memory_proj = nn.Linear(memory_dim, d_model) if memory_dim != d_model else None
         self.blocks = nn.ModuleList(
-            DecoderBlock(d_model, heads, d_ff, dropout, rope_base) for _ in range(layers)
+            DecoderBlock(d_model, heads, d_ff, dropout, rope_base, self_rotary)
+            for _ in range(layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)

@@ -1,0 +1,2 @@
+"""NeMo Canary checkpoints (``.nemo``) in speedasr: ``import_nemo`` (docs/canary.md,
+"Importing")."""

@@ -1,0 +1,220 @@
+"""import-nemo against NeMo itself: the fixture's outputs were computed by nemo-toolkit 3.0.0
+(tests/fixtures/nemo/README.md); nothing here needs NeMo.
+
+Every output is compared as ``max |ours - NeMo| / max |NeMo|`` in float32, for the three
+utterances in one packed batch, in one padded batch (junk past each length) and one by one.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from speedasr.cli import main
+from speedasr.decoding.greedy import GreedySearch
+from speedasr.decoding.options import DecodingOptions
+from speedasr.errors import UserError
+from speedasr.nemo.archive import read_nemo
+from speedasr.nemo.import_nemo import import_nemo, load_imported
+from speedasr.nn.segments import Segments
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "nemo"
+NEMO = FIXTURE / "canary_tiny.nemo"
+TOL = 1e-5  # fp32, relative to the output's largest magnitude
+UTTS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported")
+    ckpt, _ = import_nemo(NEMO, out)
+    model, raw = load_imported(ckpt)
+    return out, model, raw
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return torch.load(FIXTURE / "outputs.pt", weights_only=True)
+
+
+def rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    return float((ours.float() - theirs).abs().max() / theirs.abs().max())
+
+
+def _features(ref, utts=UTTS):
+    return [ref[f"utt{u}.features"].T.contiguous() for u in utts]  # (T, 128) each
+
+
+def _encode(model, feats: list[torch.Tensor], layout: str):
+    """Encoder output per utterance, and the packed output + segments for the decoder."""
+    segments = Segments.from_lengths([f.shape[0] for f in feats], "cpu")
+    if layout == "packed":
+        enc, enc_segments = model.encode(torch.cat(feats), segments)
+        return enc_segments.split(enc), enc, enc_segments
+    padded = segments.pad(torch.cat(feats))
+    enc, enc_segments = model.encode_padded(padded, segments)
+    return [e[:n] for e, n in zip(enc, enc_segments.lengths, strict=True)], enc, enc_segments
+
+
+def test_features_equal_nemo(imported, ref):
+    _, model, _ = imported
+    with torch.no_grad():
+        for u in UTTS:
+            ours = model.frontend(ref[f"utt{u}.audio"])
+            assert rel(ours.T, ref[f"utt{u}.features"]) <= TOL
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded", "alone"])
+def test_encoder_and_projection_equal_nemo(imported, ref, layout):
+    _, model, _ = imported
+    with torch.no_grad():
+        if layout == "alone":
+            outs = [_encode(model, _features(ref, [u]), "packed")[0][0] for u in UTTS]
+        else:
+            outs = _encode(model, _features(ref), layout)[0]
+        for u, enc in zip(UTTS, outs, strict=True):
+            assert rel(enc, ref[f"utt{u}.encoder_output"]) <= TOL
+            memory = model.decoder.project_memory(enc, torch.arange(enc.shape[0]))
+            assert rel(memory, ref[f"utt{u}.encoder_projected"]) <= TOL
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded", "alone"])
+def test_teacher_forced_log_probs_equal_nemo(imported, ref, layout):
+    """Also checks that NeMo's attention (q and k each scaled by dh^-1/4, -10000 masks) is the
+    same maths as speedasr's 1/sqrt(dh) scores."""
+    _, model, _ = imported
+    inputs = [ref[f"utt{u}.target_ids"][:-1] for u in UTTS]
+    with torch.no_grad():
+        if layout == "alone":
+            got = []
+            for u, ids in zip(UTTS, inputs, strict=True):
+                _, enc, es = _encode(model, _features(ref, [u]), "packed")
+                ts = Segments.from_lengths([len(ids)], "cpu")
+                got.append(model.decode_logits(ids, ts, enc, es).log_softmax(-1))
+        else:
+            _, enc, es = _encode(model, _features(ref), layout)
+            ts = Segments.from_lengths([len(i) for i in inputs], "cpu")
+            tokens = torch.cat(inputs) if layout == "packed" else ts.pad(torch.cat(inputs))
+            logits = model.decode_logits(tokens, ts, enc, es).log_softmax(-1)
+            got = ts.split(logits if layout == "packed" else ts.unpad(logits))
+        for u, lp in zip(UTTS, got, strict=True):
+            assert rel(lp, ref[f"utt{u}.decoder_log_probs"]) <= TOL
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded", "alone"])
+def test_greedy_ids_equal_nemo(imported, ref, layout):
+    """NeMo's limit in the fixture: encoder length + 8 tokens, the 9-token prompt included."""
+    _, model, _ = imported
+    search = GreedySearch(DecodingOptions())
+    eot = int(ref["utt0.target_ids"][-1])
+    groups = [[u] for u in UTTS] if layout == "alone" else [list(UTTS)]
+    got = {}
+    with torch.no_grad():
+        for utts in groups:
+            _, enc, es = _encode(model, _features(ref, utts), layout)
+            if layout == "padded":
+                enc = es.unpad(enc)
+            prompts = [ref[f"utt{u}.prompt_ids"].tolist() for u in utts]
+            limits = torch.tensor([int(ref[f"utt{u}.encoder_length"]) + 8 - 9 for u in utts])
+            for u, ids in zip(
+                utts, search.search(model, enc, es, prompts, eot, limits), strict=True
+            ):
+                got[u] = ids
+    for u in UTTS:
+        theirs = ref[f"utt{u}.greedy_ids"].tolist()[9:]
+        assert got[u] == [i for i in theirs if i != eot]
+
+
+def test_output_dir_keeps_nemo_config_and_tokenizers(imported):
+    out, model, raw = imported
+    archive = read_nemo(NEMO)
+    assert (out / "nemo" / "model_config.yaml").read_bytes() == archive.config_bytes
+    for name, data in archive.files.items():
+        assert (out / "nemo" / name).read_bytes() == data
+    assert [lang for lang, _ in raw["tokenizer"]["langs"]] == ["spl_tokens", "en"]
+    assert raw["tokenizer"]["prompt_format"] == "canary2"
+    assert model.cfg.vocab_size == 128 and model.cfg.pad_id == 2  # NeMo's loss.pad_id
+    assert model.decoder.output.weight is model.decoder.embed.weight
+
+
+def test_cli_imports_and_prints(tmp_path, capsys):
+    assert main(["import-nemo", str(NEMO), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.ckpt").is_file()
+    assert "imported" in capsys.readouterr().out
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _members() -> dict[str, bytes]:
+    with tarfile.open(NEMO) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_not_a_tar_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "model.nemo"
+    bad.write_text("hello")
+    assert main(["import-nemo", str(bad), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "not a tar archive" in err
+
+
+def test_tar_without_weights_is_one_line_error(tmp_path, capsys):
+    members = {k: v for k, v in _members().items() if not k.endswith("model_weights.ckpt")}
+    bad = _tar(tmp_path / "noweights.nemo", members)
+    assert main(["import-nemo", str(bad), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "model_weights.ckpt" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_member_names_never_reach_the_disk(tmp_path):
+    """Members named ../x (path traversal) or inside folders are ignored, never written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    members = {**_members(), "../escaped.model": b"x", "./sub/inner.txt": b"y"}
+    import_nemo(_tar(work / "evil.nemo", members), work / "out")
+    assert not (tmp_path / "escaped.model").exists() and not (work / "escaped.model").exists()
+    written = sorted(p.name for p in (work / "out" / "nemo").iterdir())
+    assert written == sorted([*read_nemo(NEMO).files, "model_config.yaml"])
+
+
+def _with_state(tmp_path: Path, change) -> Path:
+    members = _members()
+    key = next(k for k in members if k.endswith("model_weights.ckpt"))
+    state = torch.load(io.BytesIO(members[key]), weights_only=True)
+    change(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    members[key] = buf.getvalue()
+    return _tar(tmp_path / "changed.nemo", members)
+
+
+def test_unused_and_missing_keys_are_listed(tmp_path):
+    def change(state):
+        state["encoder.extra.weight"] = torch.zeros(1)
+        del state["encoder.layers.1.self_attn.pos_bias_u"]
+
+    with pytest.raises(UserError) as e:
+        import_nemo(_with_state(tmp_path, change), tmp_path / "o")
+    message = str(e.value)
+    assert "encoder.extra.weight" in message and "encoder.layers.1.self_attn.pos_bias_u" in message
+
+
+def test_untied_head_is_refused(tmp_path):
+    def change(state):
+        state["log_softmax.mlp.layer0.weight"] = state["log_softmax.mlp.layer0.weight"] + 1
+
+    with pytest.raises(UserError, match="not tied"):
+        import_nemo(_with_state(tmp_path, change), tmp_path / "o")
