@@ -24,7 +24,13 @@ import torch
 from speedasr.checkpoint import LoadedModel, load_model
 from speedasr.decoding import DecodingOptions
 from speedasr.errors import UserError
-from speedasr.inference import DTYPES, inference_dtype, iterate_batches, transcribe_batch
+from speedasr.inference import (
+    DTYPES,
+    feature_frontend,
+    inference_dtype,
+    iterate_batches,
+    transcribe_batch,
+)
 
 if TYPE_CHECKING:
     from lhotse import CutSet
@@ -109,7 +115,7 @@ class Transcriber:
         texts: dict[str, str] = {}
         batches = iterate_batches(
             cutset, self.tokenizer, batch_duration, self.device, batch_size,
-            n_mels=self.config.n_mels,
+            n_mels=self.config.n_mels, frontend=feature_frontend(self.model),
         )  # fmt: skip
         for batch in batches:
             for cut_id, (reason, detail) in zip(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
 from speedasr.models.aed import AEDModel, ModelConfig
@@ -21,7 +22,7 @@ from speedasr.models.aed import AEDModel, ModelConfig
 @dataclass
 class LoadedModel:
     model: AEDModel
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | AggregateTokenizer
     config: ModelConfig
     step: int
 
@@ -71,6 +72,13 @@ def saved_model_config(model_hparams: dict, path: str | Path) -> ModelConfig:
     return ModelConfig(**{**_LEGACY_MODEL_SETTINGS, **model_hparams})
 
 
+def tokenizer_from_state(state: dict) -> Tokenizer | AggregateTokenizer:
+    """A checkpoint's tokenizer: speedasr's own, or NeMo's aggregate (``import-nemo``)."""
+    if state.get("kind") == "nemo_aggregate":
+        return AggregateTokenizer.from_state(state)
+    return Tokenizer.from_state(state)
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
@@ -79,7 +87,7 @@ def load_model(
     ckpt = read_checkpoint(path)
     try:
         config = saved_model_config(ckpt["hyper_parameters"]["model"], path)
-        tokenizer = Tokenizer.from_state(ckpt["tokenizer"])
+        tokenizer = tokenizer_from_state(ckpt["tokenizer"])
         state = {
             k.removeprefix("model."): v
             for k, v in ckpt["state_dict"].items()

@@ -52,13 +52,24 @@ def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
              progress: bool = False) -> EvalResult:  # fmt: skip
     """Transcribe ``cuts`` (with reference texts) in order; the numbers ``speedasr eval`` prints."""
     from speedasr.console import progress_bar
-    from speedasr.inference import iterate_batches, skipped_cuts, transcribe_batch
+    from speedasr.inference import (
+        feature_frontend,
+        iterate_batches,
+        skipped_cuts,
+        transcribe_batch,
+    )
 
     result = EvalResult([], [], [], 0.0, 0.0, 0.0)
     bar = progress_bar(total=len(cuts), desc="eval", unit="utt", disable=not progress)
     start = time.perf_counter()
     batches = iterate_batches(
-        cuts, tokenizer, batch_duration, device, batch_size, n_mels=model.cfg.n_mels
+        cuts,
+        tokenizer,
+        batch_duration,
+        device,
+        batch_size,
+        n_mels=model.cfg.n_mels,
+        frontend=feature_frontend(model),
     )
     for batch in batches:
         result.skipped += skipped_cuts(batch)

@@ -59,11 +59,12 @@ def transcribe_batch(
 
 def iterate_batches(
     cuts: CutSet, tokenizer: Tokenizer, batch_duration: float, device: torch.device | str,
-    max_cuts: int | None = None, *, n_mels: int,
+    max_cuts: int | None = None, *, n_mels: int, frontend: torch.nn.Module | None = None,
 ) -> Iterator[PackedBatch]:  # fmt: skip
     """Packed, unaugmented batches of ``cuts`` in order (features computed in this process), with
-    ``n_mels`` log-mel bins: the ``n_mels`` of the model that reads them (its checkpoint's)."""
-    dataset = AsrDataset(tokenizer, n_mels=n_mels, layout="packed")
+    ``n_mels`` log-mel bins: the ``n_mels`` of the model that reads them (its checkpoint's).
+    ``frontend``: the model's own feature module (``feature_frontend(model)``), if it has one."""
+    dataset = AsrDataset(tokenizer, n_mels=n_mels, layout="packed", frontend=frontend)
     with warnings.catch_warnings():
         # Inference holds its cutset in memory on purpose (transcribe looks cuts up by id); the
         # sampler's advice to read it lazily is about training-sized manifests.
@@ -73,6 +74,16 @@ def iterate_batches(
         )
     for batch_cuts in sampler:
         yield dataset[batch_cuts].to(device)
+
+
+def feature_frontend(model) -> torch.nn.Module | None:
+    """The model's feature module (NeMo's front end of an imported Canary model) as a float32 CPU
+    copy in eval mode, where the data loader computes features; None for lhotse's fbank."""
+    import copy
+
+    if getattr(model, "frontend", None) is None:
+        return None
+    return copy.deepcopy(model.frontend).to("cpu", torch.float32).eval()
 
 
 def cuts_from_audio(paths: Iterable[str], language: str = "en") -> CutSet:
@@ -249,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         batches = iterate_batches(
             cuts, loaded.tokenizer, args.batch_duration, args.device, args.batch_size,
-            n_mels=loaded.config.n_mels,
+            n_mels=loaded.config.n_mels, frontend=feature_frontend(loaded.model),
         )  # fmt: skip
         for batch in batches:
             for r in skipped_cuts(batch):

@@ -53,7 +53,7 @@ def decoder_sequences(
     inputs:  ``<sot> <lang> <task> <pnc> t1 ... tn``
     targets: ``IGNORE ... IGNORE t1 ... tn <eot>`` (first ``prompt - 1``: no loss)
     """
-    prompt, text_ids = tokenizer.prompt(language), tokenizer.encode(text)
+    prompt, text_ids = tokenizer.prompt(language), tokenizer.encode(text, language)
     inputs = prompt + text_ids
     targets = [IGNORE_INDEX] * (len(prompt) - 1) + text_ids + [tokenizer.eot_id]
     return inputs, targets
@@ -81,6 +81,9 @@ class AsrDataset(torch.utils.data.Dataset):
             (no default: the model, not the data pipeline, decides its input features).
         layout: ``"packed"`` (default, zero padding) or ``"padded"``.
         spec_augment: SpecAugment settings, or None for no augmentation (validation, inference).
+        frontend: a module mapping 16 kHz audio ``(N,)`` to normalised ``(T, n_mels)`` features
+            instead of lhotse's fbank (``AEDModel.frontend``: NeMo's front end of an imported
+            Canary model); None: lhotse's Kaldi fbank with per-utterance normalisation.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class AsrDataset(torch.utils.data.Dataset):
         n_mels: int,
         layout: Literal["packed", "padded"] = "packed",
         spec_augment: SpecAugmentConfig | None = None,
+        frontend: torch.nn.Module | None = None,
     ) -> None:
         if layout not in ("packed", "padded"):
             raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
@@ -97,6 +101,7 @@ class AsrDataset(torch.utils.data.Dataset):
         self.layout = layout
         self.n_mels = n_mels
         self.extractor = Fbank(FbankConfig(num_mel_bins=n_mels))
+        self.frontend = frontend
         self.spec_augment = None
         if spec_augment is not None and spec_augment.enabled:
             self.spec_augment = SpecAugment(
@@ -148,9 +153,13 @@ class AsrDataset(torch.utils.data.Dataset):
     def features(self, cut: Cut) -> torch.Tensor:
         """``(T, n_mels)`` normalized (and, in training, augmented) log-mel frames of one cut."""
         audio = load_model_audio(cut)
-        x = torch.from_numpy(self.extractor.extract(audio, SAMPLE_RATE))
-        # Per-utterance mean/variance normalization: statistics over this utterance's frames only.
-        x = (x - x.mean(0)) / (x.std(0, unbiased=False) + 1e-5)
+        if self.frontend is not None:
+            with torch.no_grad():
+                x = self.frontend(torch.from_numpy(audio).reshape(-1))
+        else:
+            x = torch.from_numpy(self.extractor.extract(audio, SAMPLE_RATE))
+            # Per-utterance mean/variance normalization: statistics over this utterance only.
+            x = (x - x.mean(0)) / (x.std(0, unbiased=False) + 1e-5)
         if self.spec_augment is not None:
             x = self.spec_augment(x[None])[0]
         return x

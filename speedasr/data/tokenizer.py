@@ -175,8 +175,9 @@ class Tokenizer:
         return set(self._special_ids)
 
     # --- text ---------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Text tokens only (no prompt, no end-of-text)."""
+    def encode(self, text: str, language: str | None = None) -> list[int]:
+        """Text tokens only (no prompt, no end-of-text). ``language`` is not needed: one model
+        serves every language (NeMo's aggregate tokenizer takes it)."""
         return self.sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.errors import UserError
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.nemo.archive import NemoArchive, artifact_name, read_nemo
@@ -272,15 +273,20 @@ def _pad_id(archive: NemoArchive) -> tuple[int, str]:
 
 def tokenizer_state(archive: NemoArchive) -> dict:
     """Self-contained tokenizer state for the checkpoint: the aggregate's SentencePiece models in
-    config order (bytes) and the prompt format."""
+    config order (bytes) and the prompt format; checked by building a prompt."""
     langs = ((archive.config.get("tokenizer") or {}).get("langs")) or {}
-    return {
+    state = {
         "kind": "nemo_aggregate",
         "prompt_format": archive.config.get("prompt_format"),
         "langs": [
             [lang, archive.files[artifact_name(e["model_path"])]] for lang, e in langs.items()
         ],
     }
+    tokenizer = AggregateTokenizer.from_state(state)
+    if not tokenizer.languages:
+        raise UserError(f"'{archive.path}': the tokenizer has no language besides spl_tokens")
+    tokenizer.prompt(tokenizer.languages[0])
+    return state
 
 
 def import_nemo(path: str | Path, out_dir: str | Path) -> tuple[Path, AEDModel]:

@@ -218,3 +218,51 @@ def test_untied_head_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="not tied"):
         import_nemo(_with_state(tmp_path, change), tmp_path / "o")
+
+
+def test_aggregate_tokenizer_gives_nemos_ids_and_text(imported, ref):
+    from speedasr.checkpoint import load_model
+
+    out, _, _ = imported
+    tokenizer = load_model(out / "model.ckpt").tokenizer
+    assert tokenizer.languages == ("en",)
+    for u in UTTS:
+        target = ref[f"utt{u}.target_ids"].tolist()
+        assert tokenizer.prompt("en") == ref[f"utt{u}.prompt_ids"].tolist()  # canary2, 9 tokens
+        assert tokenizer.encode(ref[f"utt{u}.text"], "en") == target[9:-1]
+        assert tokenizer.eot_id == target[-1]
+        assert tokenizer.decode(ref[f"utt{u}.greedy_ids"][9:]) == ref[f"utt{u}.greedy_text"]
+
+
+def test_transcribe_gives_nemos_greedy_text(imported, ref, tmp_path, capsys):
+    """Audio file -> NeMo front end -> canary2 prompt -> greedy -> aggregate decoding. The
+    random model repeats one token up to NeMo's limit (encoder length + 8 with the prompt)."""
+    import soundfile as sf
+
+    out, _, _ = imported
+    for u in UTTS:
+        wav = tmp_path / f"utt{u}.wav"
+        sf.write(wav, ref[f"utt{u}.audio"].numpy(), 16000, subtype="FLOAT")
+        max_len = str(int(ref[f"utt{u}.encoder_length"]) + 8 - 9)
+        argv = ["transcribe", "--ckpt", str(out / "model.ckpt"), str(wav), "--max-len", max_len]
+        assert main([*argv, "--quiet"]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line == f"{wav}\t{ref[f'utt{u}.greedy_text']}"
+
+
+def test_eval_reads_the_nemo_front_end(imported, ref, tmp_path):
+    """``speedasr eval``'s path (``evaluate``) on an imported model: NeMo's greedy text."""
+    import soundfile as sf
+
+    from speedasr.checkpoint import load_model
+    from speedasr.evaluate import evaluate
+    from speedasr.inference import cuts_from_audio
+
+    out, _, _ = imported
+    loaded = load_model(out / "model.ckpt")
+    wav = tmp_path / "utt1.wav"
+    sf.write(wav, ref["utt1.audio"].numpy(), 16000, subtype="FLOAT")
+    cuts = cuts_from_audio([str(wav)])
+    max_len = int(ref["utt1.encoder_length"]) + 8 - 9
+    result = evaluate(loaded.model, loaded.tokenizer, cuts, DecodingOptions(max_len=max_len))
+    assert result.hyps == [ref["utt1.greedy_text"]]
