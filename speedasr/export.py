@@ -227,6 +227,11 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory")
     loaded = load_model(args.ckpt)
+    if loaded.config.frontend != "lhotse" or not hasattr(loaded.tokenizer, "sp"):
+        raise UserError(
+            f"{args.ckpt}: speedasr export does not yet write models imported from NeMo (their "
+            "NeMo front end and aggregate tokenizer are not part of the export)"
+        )
     meta = export_model(loaded.model, loaded.tokenizer, out)
     print(
         f"exported {args.ckpt} (step {loaded.step}) to {out}/: encoder.pt2 -> "

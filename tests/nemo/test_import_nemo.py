@@ -266,3 +266,10 @@ def test_eval_reads_the_nemo_front_end(imported, ref, tmp_path):
     max_len = int(ref["utt1.encoder_length"]) + 8 - 9
     result = evaluate(loaded.model, loaded.tokenizer, cuts, DecodingOptions(max_len=max_len))
     assert result.hyps == [ref["utt1.greedy_text"]]
+
+
+def test_torch_export_refuses_an_imported_model(imported, tmp_path, capsys):
+    out, _, _ = imported
+    assert main(["export", "--ckpt", str(out / "model.ckpt"), "--out", str(tmp_path / "e")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "imported from NeMo" in err
