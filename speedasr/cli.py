@@ -36,6 +36,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("eval",), "speedasr.evaluate", "WER and RTFx of a checkpoint on a cutset"),
     (("export",), "speedasr.export", "export a checkpoint for plain torch (torch.export)"),
     (("import-nemo",), "speedasr.nemo.import_nemo", "a NeMo Canary .nemo -> a speedasr checkpoint"),
+    (("export-nemo",), "speedasr.nemo.export_nemo", "an imported checkpoint -> a NeMo .nemo"),
     (("bench", "padding"), "speedasr.bench.padding", "padding of batching strategies (metadata)"),
     (("bench", "throughput"), "speedasr.bench.throughput", "training throughput: packed vs padded"),
     (("bench", "rtfx"), "speedasr.bench.rtfx", "inference RTFx of encoder/decoder splits"),

@@ -136,7 +136,7 @@ def model_config(archive: NemoArchive, vocab_size: int, pad_id: int) -> ModelCon
 
 
 # --- state dict --------------------------------------------------------------------------------
-def _key_map(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+def key_map(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """speedasr key -> the NeMo keys it is made of (several: concatenated along dim 0)."""
     m: dict[str, tuple[str, ...]] = {"frontend.window": ("preprocessor.featurizer.window",)}
     m["frontend.fb"] = ("preprocessor.featurizer.fb",)
@@ -210,11 +210,11 @@ def map_state_dict(
 ) -> dict[str, torch.Tensor]:
     """NeMo's state dict -> ``model``'s, every key accounted for (``UserError`` lists the rest)."""
     nemo, path = archive.state_dict, archive.path
-    key_map = _key_map(config)
+    sources_of = key_map(config)
     ours = model.state_dict()
     del ours["decoder.output.weight"]  # tied: the same tensor as decoder.embed.weight
-    unmapped_ours = sorted(set(ours) - set(key_map))
-    used = {k for keys in key_map.values() for k in keys} | set(CHECKED_NOT_MAPPED)
+    unmapped_ours = sorted(set(ours) - set(sources_of))
+    used = {k for keys in sources_of.values() for k in keys} | set(CHECKED_NOT_MAPPED)
     missing = sorted(k for k in used if k not in nemo)
     unused = sorted(set(nemo) - used)
     if unmapped_ours or missing or unused:
@@ -227,7 +227,7 @@ def map_state_dict(
             parts.append(f"speedasr tensors with no NeMo source: {', '.join(unmapped_ours)}")
         raise UserError(f"'{path}': the state dict does not map onto speedasr: {'; '.join(parts)}")
     out = {}
-    for key, sources in key_map.items():
+    for key, sources in sources_of.items():
         tensor = torch.cat([nemo[s] for s in sources]) if len(sources) > 1 else nemo[sources[0]]
         if tensor.ndim == ours[key].ndim + 1 and tensor.shape[-1] == 1:  # Conv1d 1x1 -> Linear
             tensor = tensor.squeeze(-1)
@@ -314,7 +314,12 @@ def import_nemo(path: str | Path, out_dir: str | Path) -> tuple[Path, AEDModel]:
             "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
             "tokenizer": tokenizer_state(archive),
             "global_step": 0,
-            "nemo_source": str(Path(path).name),
+            # What export-nemo writes back besides the weights: the original config and files.
+            "nemo": {
+                "source": str(Path(path).name),
+                "config": archive.config_bytes,
+                "files": dict(archive.files),
+            },
         },
         ckpt,
     )
@@ -326,9 +331,12 @@ def load_imported(path: str | Path) -> tuple[AEDModel, dict]:
     from speedasr.checkpoint import read_checkpoint, saved_model_config
 
     ckpt = read_checkpoint(path)
-    config = saved_model_config(ckpt["hyper_parameters"]["model"], path)
+    try:
+        config = saved_model_config(ckpt["hyper_parameters"]["model"], path)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"'{path}' is not a speedasr checkpoint (missing {e})") from None
     model = AEDModel(config)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     model.load_state_dict(state, strict=True)
     return model.eval(), ckpt
 

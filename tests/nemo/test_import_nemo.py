@@ -273,3 +273,38 @@ def test_torch_export_refuses_an_imported_model(imported, tmp_path, capsys):
     assert main(["export", "--ckpt", str(out / "model.ckpt"), "--out", str(tmp_path / "e")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "imported from NeMo" in err
+
+
+def test_export_gives_nemos_state_dict_and_files_back(imported, tmp_path):
+    out, _, _ = imported
+    nemo = tmp_path / "back.nemo"
+    assert main(["export-nemo", str(out / "model.ckpt"), "--out", str(nemo)]) == 0
+    original, exported = read_nemo(NEMO), read_nemo(nemo)
+    assert exported.config_bytes == original.config_bytes and exported.files == original.files
+    assert list(exported.state_dict) and set(exported.state_dict) == set(original.state_dict)
+    for key, tensor in original.state_dict.items():
+        theirs = exported.state_dict[key]
+        assert theirs.dtype == tensor.dtype and torch.equal(theirs, tensor), key
+    with tarfile.open(nemo) as tar:  # NeMo's layout: uncompressed, ./-prefixed members
+        assert all(m.name.startswith("./") for m in tar.getmembers())
+
+
+def test_import_export_import_is_bit_identical(imported, tmp_path):
+    from speedasr.nemo.export_nemo import export_nemo
+
+    out, _, first = imported
+    ckpt, _ = import_nemo(export_nemo(out / "model.ckpt", tmp_path / "a.nemo"), tmp_path / "b")
+    second = torch.load(ckpt, weights_only=True)
+    assert second["hyper_parameters"] == first["hyper_parameters"]
+    assert second["tokenizer"] == first["tokenizer"]
+    assert set(second["state_dict"]) == set(first["state_dict"])
+    for key, tensor in first["state_dict"].items():
+        assert torch.equal(second["state_dict"][key], tensor), key
+
+
+def test_export_needs_an_imported_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "plain.ckpt"
+    raw = torch.load(NEMO.parent / "outputs.pt", weights_only=True)  # not a checkpoint at all
+    torch.save({"x": raw["durations"]}, ckpt)
+    assert main(["export-nemo", str(ckpt), "--out", str(tmp_path / "x.nemo")]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
