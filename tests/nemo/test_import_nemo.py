@@ -308,3 +308,13 @@ def test_export_needs_an_imported_checkpoint(tmp_path, capsys):
     torch.save({"x": raw["durations"]}, ckpt)
     assert main(["export-nemo", str(ckpt), "--out", str(tmp_path / "x.nemo")]) != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_python_api_transcribes_arrays_with_the_nemo_front_end(imported, ref):
+    import speedasr
+
+    out, _, _ = imported
+    model = speedasr.load(out / "model.ckpt")
+    audio = ref["utt2.audio"].numpy()
+    max_len = int(ref["utt2.encoder_length"]) + 8 - 9
+    assert model.transcribe(audio, sample_rate=16000, max_len=max_len) == [ref["utt2.greedy_text"]]
