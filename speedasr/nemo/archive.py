@@ -24,6 +24,9 @@ from speedasr.errors import UserError
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
+TIMESTAMPS_PREFIX = "timestamps_asr_model_"
+"""Members of the optional auxiliary CTC model NeMo uses for timestamps (docs/canary.md §1):
+not read (they can be as large as the model); NeMo restores a .nemo without them."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -37,6 +40,8 @@ class NemoArchive:
     config_bytes: bytes
     state_dict: dict[str, torch.Tensor]
     files: dict[str, bytes] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    """Members not read (the auxiliary timestamps model)."""
 
 
 def _member_name(name: str) -> str:
@@ -56,9 +61,12 @@ def read_nemo(path: str | Path) -> NemoArchive:
         raise UserError(f"'{path}' is not a .nemo file: it is not a tar archive") from None
     with tar, tempfile.TemporaryDirectory(prefix="speedasr-nemo-") as tmp:
         members = {}
+        skipped = []
         for member in tar.getmembers():
             name = _member_name(member.name)
-            if name and member.isfile():
+            if name.startswith(TIMESTAMPS_PREFIX):
+                skipped.append(name)
+            elif name and member.isfile():
                 members[name] = member
         missing = [m for m in (CONFIG_MEMBER, WEIGHTS_MEMBER) if m not in members]
         if missing:
@@ -75,7 +83,9 @@ def read_nemo(path: str | Path) -> NemoArchive:
         with tar.extractfile(members[WEIGHTS_MEMBER]) as src, weights.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            # mmap: a multi-GB state dict is paged in from the temporary file, not copied to RAM
+            # twice (the mapping outlives the file's deletion on POSIX systems).
+            state = _load_weights(weights)
         except Exception as e:  # weights_only refusals and corrupt files raise many types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(
@@ -93,7 +103,16 @@ def read_nemo(path: str | Path) -> NemoArchive:
             for name, member in members.items()
             if name not in (CONFIG_MEMBER, WEIGHTS_MEMBER)
         }
-    return NemoArchive(path, config, config_bytes, state, files)
+    return NemoArchive(path, config, config_bytes, state, files, skipped)
+
+
+def _load_weights(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # torch's legacy (non-zip) format cannot be mapped
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def artifact_name(reference: object) -> str | None:

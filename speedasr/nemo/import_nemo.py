@@ -18,6 +18,7 @@ import argparse
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import sentencepiece as spm
 import torch
@@ -289,8 +290,17 @@ def tokenizer_state(archive: NemoArchive) -> dict:
     return state
 
 
-def import_nemo(path: str | Path, out_dir: str | Path) -> tuple[Path, AEDModel]:
-    """Write ``out_dir/model.ckpt`` and ``out_dir/nemo/*``; returns the checkpoint and the model."""
+class Imported(NamedTuple):
+    checkpoint: Path
+    """``out_dir/model.ckpt``."""
+    model: AEDModel
+    """The imported model (eval mode not set)."""
+    skipped: list[str]
+    """Archive members not imported (NeMo's optional timestamps model)."""
+
+
+def import_nemo(path: str | Path, out_dir: str | Path) -> Imported:
+    """Write ``out_dir/model.ckpt`` and ``out_dir/nemo/*``."""
     archive = read_nemo(path)
     emb = archive.state_dict.get("transf_decoder._embedding.token_embedding.weight")
     if emb is None:
@@ -323,7 +333,7 @@ def import_nemo(path: str | Path, out_dir: str | Path) -> tuple[Path, AEDModel]:
         },
         ckpt,
     )
-    return ckpt, model
+    return Imported(ckpt, model, archive.skipped)
 
 
 def load_imported(path: str | Path) -> tuple[AEDModel, dict]:
@@ -349,9 +359,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt, model = import_nemo(args.nemo, args.out)
+    ckpt, model, skipped = import_nemo(args.nemo, args.out)
     params = sum(p.numel() for p in model.parameters())
     cfg = model.cfg
+    if skipped:
+        print(f"not imported (NeMo's optional timestamps model): {', '.join(skipped)}")
     print(
         f"imported {args.nemo}: {params:,} parameters, encoder {cfg.encoder_layers}x{cfg.d_model}, "
         f"decoder {cfg.decoder_layers}x{cfg.dec_d_model}, vocabulary {cfg.vocab_size}; "

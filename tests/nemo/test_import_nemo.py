@@ -31,7 +31,7 @@ UTTS = (0, 1, 2)
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     out = tmp_path_factory.mktemp("imported")
-    ckpt, _ = import_nemo(NEMO, out)
+    ckpt, *_ = import_nemo(NEMO, out)
     model, raw = load_imported(ckpt)
     return out, model, raw
 
@@ -293,7 +293,7 @@ def test_import_export_import_is_bit_identical(imported, tmp_path):
     from speedasr.nemo.export_nemo import export_nemo
 
     out, _, first = imported
-    ckpt, _ = import_nemo(export_nemo(out / "model.ckpt", tmp_path / "a.nemo"), tmp_path / "b")
+    ckpt, *_ = import_nemo(export_nemo(out / "model.ckpt", tmp_path / "a.nemo"), tmp_path / "b")
     second = torch.load(ckpt, weights_only=True)
     assert second["hyper_parameters"] == first["hyper_parameters"]
     assert second["tokenizer"] == first["tokenizer"]
@@ -318,3 +318,25 @@ def test_python_api_transcribes_arrays_with_the_nemo_front_end(imported, ref):
     audio = ref["utt2.audio"].numpy()
     max_len = int(ref["utt2.encoder_length"]) + 8 - 9
     assert model.transcribe(audio, sample_rate=16000, max_len=max_len) == [ref["utt2.greedy_text"]]
+
+
+def test_timestamps_model_is_not_imported(tmp_path, capsys):
+    """NeMo's optional auxiliary timestamps model is left out (NeMo restores without it)."""
+    members = {**_members(), "./timestamps_asr_model_weights.ckpt": b"big"}
+    nemo = _tar(tmp_path / "with_ts.nemo", members)
+    assert main(["import-nemo", str(nemo), "--out", str(tmp_path / "o")]) == 0
+    assert "timestamps_asr_model_weights.ckpt" in capsys.readouterr().out
+    assert not (tmp_path / "o" / "nemo" / "timestamps_asr_model_weights.ckpt").exists()
+
+
+def test_weights_in_torchs_legacy_format_are_read(tmp_path):
+    """torch.save's pre-zip format cannot be memory-mapped; it is read without mmap."""
+    members = _members()
+    key = next(k for k in members if k.endswith("model_weights.ckpt"))
+    buf = io.BytesIO()
+    torch.save(torch.load(io.BytesIO(members[key]), weights_only=True), buf,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    members[key] = buf.getvalue()
+    archive = read_nemo(_tar(tmp_path / "legacy.nemo", members))
+    original = read_nemo(NEMO).state_dict
+    assert all(torch.equal(archive.state_dict[k], v) for k, v in original.items())

@@ -26,7 +26,7 @@ NEMO_PYTHON = os.environ.get("SPEEDASR_NEMO_PYTHON")
 @pytest.mark.nemo
 @pytest.mark.skipif(not NEMO_PYTHON, reason="SPEEDASR_NEMO_PYTHON (a Python with NeMo) not set")
 def test_nemo_restores_the_export_and_gives_the_fixture_outputs(tmp_path):
-    ckpt, _ = import_nemo(REPO / "tests/fixtures/nemo/canary_tiny.nemo", tmp_path / "imported")
+    ckpt, *_ = import_nemo(REPO / "tests/fixtures/nemo/canary_tiny.nemo", tmp_path / "imported")
     exported = export_nemo(ckpt, tmp_path / "exported.nemo")
     result = subprocess.run(
         [NEMO_PYTHON, str(REPO / "tools/nemo_fixture/check_export.py"), str(exported)],
