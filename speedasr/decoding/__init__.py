@@ -84,6 +84,10 @@ def decode_encoded(
         return []
     options = options or DecodingOptions()
     limits = length_limits(enc_segments, options, max_new_tokens)
+    positions = getattr(getattr(model, "cfg", None), "max_decoder_positions", None)
+    if positions is not None:  # the model's position table ends there (NeMo's stops decoding)
+        room = torch.tensor([max(positions - len(p), 0) for p in prompts], dtype=limits.dtype)
+        limits = torch.minimum(limits, room)
     return strategy_for(options).search(model, enc, enc_segments, prompts, eot_id, limits)
 
 

@@ -92,6 +92,9 @@ class ModelConfig:
     decoder_rotary: bool = True
     """Rotary positions in the decoder's self-attention; False: none, the positions are only the
     ``absolute_token_positions`` (NeMo Canary's decoder)."""
+    max_decoder_positions: int | None = None
+    """Most decoder positions (prompt included) decoding may reach; None: no limit. Imported NeMo
+    models: ``max_sequence_length``, where NeMo's position table and its decoding end."""
     frontend: Literal["lhotse", "nemo"] = "lhotse"
     """Feature extraction: lhotse's Kaldi fbank (``AsrDataset``), or NeMo's log-mel front end
     (``speedasr.nn.filterbank.NemoFilterbank``, a module of the model whose window and filterbank
@@ -140,6 +143,10 @@ class ModelConfig:
                 "decoder head dim must be even (rotary)",
             ),
             (self.frontend in ("lhotse", "nemo"), "frontend must be 'lhotse' or 'nemo'"),
+            (
+                self.max_decoder_positions is None or self.max_decoder_positions > 0,
+                "max_decoder_positions must be > 0 (or None: no limit)",
+            ),
             (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
             (self.encoder_layers >= 0 and self.decoder_layers >= 0, "layer counts must be >= 0"),
             (0.0 <= self.ctc_weight <= 1.0, "ctc_weight must be in [0, 1]"),

@@ -132,6 +132,7 @@ def model_config(archive: NemoArchive, vocab_size: int, pad_id: int) -> ModelCon
         decoder_heads=int(dec["num_attention_heads"]), ff_mult=ff_mult, tie_embeddings=True,
         absolute_token_positions=True, token_position_scale=None, decoder_rotary=False,
         frontend="nemo", dropout=float(enc.get("dropout", 0.1)), ctc_weight=0.0,
+        max_decoder_positions=int(dec.get("max_sequence_length", 512)),
         label_smoothing=float((cfg.get("loss") or {}).get("label_smoothing", 0.0)),
     )  # fmt: skip
 

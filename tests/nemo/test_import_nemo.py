@@ -340,3 +340,24 @@ def test_weights_in_torchs_legacy_format_are_read(tmp_path):
     archive = read_nemo(_tar(tmp_path / "legacy.nemo", members))
     original = read_nemo(NEMO).state_dict
     assert all(torch.equal(archive.state_dict[k], v) for k, v in original.items())
+
+
+def test_decoding_stops_at_the_decoder_position_table(imported, ref, tmp_path):
+    """NeMo's decoding ends at max_sequence_length positions, the prompt included."""
+    from dataclasses import replace
+
+    from speedasr.decoding import decode_encoded
+
+    _, model, _ = imported
+    assert model.cfg.max_decoder_positions == 512  # the fixture's max_sequence_length
+    _, enc, es = _encode(model, _features(ref, [2]), "packed")
+    prompt = ref["utt2.prompt_ids"].tolist()
+    eot = int(ref["utt2.target_ids"][-1])
+    unlimited = decode_encoded(model, enc, es, [prompt], eot, DecodingOptions(max_len=20))[0]
+    small = replace(model.cfg, max_decoder_positions=len(prompt) + 3)
+    model.cfg, saved = small, model.cfg
+    try:
+        limited = decode_encoded(model, enc, es, [prompt], eot, DecodingOptions(max_len=20))[0]
+    finally:
+        model.cfg = saved
+    assert len(unlimited) == 20 and limited == unlimited[:3]
