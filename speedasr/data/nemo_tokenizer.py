@@ -96,8 +96,18 @@ class AggregateTokenizer:
 
     @functools.cached_property
     def _special_ids(self) -> frozenset[int]:
-        size = self.models[0][1].get_piece_size()
-        return frozenset(range(size))  # every piece of spl_tokens is a special token
+        """NeMo's ``CanaryTokenizer.special_tokens``: the ``<|...|>`` pieces and ``<pad>`` of
+        ``spl_tokens`` (plus its ``<unk>``/control pieces, never text); other pieces of it (e.g.
+        ``▁``) are text."""
+        sp = self.models[0][1]
+        return frozenset(
+            i
+            for i in range(sp.get_piece_size())
+            if sp.id_to_piece(i).startswith("<|")
+            or sp.id_to_piece(i) == PAD
+            or sp.is_control(i)
+            or sp.is_unknown(i)
+        )
 
     def special_ids(self) -> set[int]:
         return set(self._special_ids)
