@@ -70,6 +70,15 @@ class NemoFilterbank(nn.Module):
         fb = slaney_mel_filterbank(n_mels, NEMO_N_FFT, NEMO_SAMPLE_RATE)
         self.register_buffer("fb", fb[None])
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (torch's signature)
+        """Moves follow the model (``.to(device)``), dtype casts do not: the tables stay NeMo's
+        float32 values under ``model.to(torch.bfloat16)`` (bf16 inference), since a rounded
+        filterbank would change the features the model was trained on."""
+        device = fn(torch.zeros((), device=self.window.device)).device
+        self.window = self.window.to(device)
+        self.fb = self.fb.to(device)
+        return self
+
     @staticmethod
     def num_frames(num_samples: int) -> int:
         """Feature frames of ``num_samples`` samples (NeMo's ``get_seq_len``)."""

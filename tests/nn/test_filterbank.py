@@ -46,3 +46,13 @@ def test_eval_is_deterministic_and_training_dithers():
     assert torch.equal(module(audio), module(audio))
     module.train()
     assert not torch.equal(module(audio), module(audio))
+
+
+def test_dtype_casts_of_the_model_keep_the_tables_float32():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), NemoFilterbank(128))
+    fb = model[1].fb.clone()
+    model.to(torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16
+    assert model[1].fb.dtype == torch.float32 and torch.equal(model[1].fb, fb)
+    model.half().float()
+    assert torch.equal(model[1].fb, fb)
