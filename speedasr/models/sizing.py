@@ -25,9 +25,26 @@ from speedasr.options import add_config_overrides
 PROMPT_TOKENS = 4
 """Canary-style prompt: <sot> <lang> <task> <pnc>."""
 
+
+def nemo_vocab_size(tokens: int) -> int:
+    """NeMo's embedding and head rows for a tokenizer of ``tokens`` pieces: padded up to a
+    multiple of 8 (``EncDecMultiTaskModel``; docs/canary.md §6.3)."""
+    return 8 * -(-tokens // 8)
+
+
 _CANARY = dict(
-    n_mels=128, subsampling_channels=256, conv_kernel=9, ff_mult=4, tie_embeddings=False,
-    ctc_weight=0.0, dropout=0.1, block_out_norm=True,
+    # What NeMo's Canary models compute (docs/canary.md §2-6; import-nemo sets the same options):
+    # Transformer-XL relative positions, BatchNorm in the conv module, xscaling (ConformerEncoder's
+    # default; no shape depends on it and an imported .nemo brings its own value), NeMo's 128-mel
+    # front end, a decoder with fixed sinusoids / sqrt(width) on the token embeddings and no
+    # rotary, a head tied to the embedding with its own bias, no CTC head.
+    n_mels=128, frontend="nemo", encoder_positions="rel_pos", xscaling=True, conv_norm="batch",
+    block_out_norm=True, absolute_token_positions=True, token_position_scale=None,
+    decoder_rotary=False, tie_embeddings=True, ctc_weight=0.0, dropout=0.1,
+    # NeMo's fast-conformer_aed.yaml (examples/asr/conf/speech_multitask), which the Canary
+    # configs follow: dw_striding x8 with 256 channels, 8 heads, conv kernel 9, FFN 4x (encoder
+    # ff_expansion_factor; decoder inner_size = 4 x hidden_size).
+    subsampling_channels=256, encoder_heads=8, decoder_heads=8, conv_kernel=9, ff_mult=4,
 )  # fmt: skip
 PRESETS: dict[str, ModelConfig] = {
     # CPU presets (256-token vocabulary of the embedded tiny recipe).
@@ -35,31 +52,43 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(
         d_model=256, encoder_layers=12, encoder_heads=4, decoder_layers=4, subsampling_channels=64
     ),
-    # Published Canary shapes (NeMo model cards): 128 mel bins, 256 subsampling channels, 8 heads.
-    "canary-1b": ModelConfig(
-        vocab_size=4128,
+    # Published Canary shapes, so a preset built from scratch has the real checkpoint's state-dict
+    # shapes (tests/models/test_canary_presets.py; docs/canary.md §14). Layer counts and
+    # parameters: the model cards; widths: the model cards and fast-conformer_aed.yaml
+    # (model_defaults asr_enc_hidden / lm_dec_hidden). Vocabularies, padded to a multiple of 8:
+    # 4128 and 5248 are this file's earlier values (4 languages x 1024 pieces + the special-token
+    # model), not checked against a real file here; 16384 for canary-1b-v2 is the head's row count
+    # as third-party ports of it describe. import-nemo of the real file states the exact value.
+    "canary-1b": ModelConfig(  # model card: 24 + 24 layers, 1024 wide; canary prompt, 4 languages
+        vocab_size=nemo_vocab_size(4128),
         d_model=1024,
         encoder_layers=24,
-        encoder_heads=8,
         decoder_layers=24,
         **_CANARY,
     ),  # fmt: skip
-    "canary-1b-flash": ModelConfig(
-        vocab_size=5248,
+    "canary-1b-flash": ModelConfig(  # model card: 32 + 4 layers, 883M; 4 languages, canary2
+        vocab_size=nemo_vocab_size(5248),
         d_model=1024,
         encoder_layers=32,
-        encoder_heads=8,
         decoder_layers=4,
         **_CANARY,
     ),  # fmt: skip
-    "canary-180m-flash": ModelConfig(
-        vocab_size=5248,
+    "canary-180m-flash": ModelConfig(  # model card: 17 + 4 layers, 182M; encoder 512 -> 1024
+        vocab_size=nemo_vocab_size(5248),
         d_model=512,
         encoder_layers=17,
-        encoder_heads=8,
         decoder_layers=4,
         decoder_d_model=1024,
-        decoder_heads=8,
+        **_CANARY,
+    ),  # fmt: skip
+    # canary-1b-v2: 978M parameters, 25 languages, one unified 16384-piece tokenizer, encoder
+    # and decoder 1024 wide (model card, arXiv 2509.14128). Its decoder depth is not stated in
+    # what was read: 8 layers are the count that gives the published 978M (4 would give ~895M).
+    "canary-1b-v2": ModelConfig(
+        vocab_size=nemo_vocab_size(16384),
+        d_model=1024,
+        encoder_layers=32,
+        decoder_layers=8,
         **_CANARY,
     ),  # fmt: skip
 }
@@ -67,6 +96,7 @@ PUBLISHED_PARAMS: dict[str, float] = {
     "canary-1b": 1.0e9,  # model card: "1 billion parameters" (a rounded figure)
     "canary-1b-flash": 883e6,  # model card: "883M parameters"
     "canary-180m-flash": 182e6,  # model card: "182M parameters"
+    "canary-1b-v2": 978e6,  # model card: "978M parameters"
 }
 
 # Width ladder of the budget planner: (d_model, heads); head dims 36-128, all even (rotary).

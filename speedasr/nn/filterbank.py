@@ -45,7 +45,8 @@ def slaney_mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> torch.Te
 
     dt = torch.float64
     fft_freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=dt)
-    top = hz_to_mel(torch.tensor(sample_rate / 2, dtype=dt))
+    # on the CPU even under torch.device("meta") (a preset built on the meta device reads it)
+    top = hz_to_mel(torch.tensor(sample_rate / 2, dtype=dt, device="cpu"))
     mel_freqs = mel_to_hz(torch.linspace(0, float(top), n_mels + 2, dtype=dt))
     widths = mel_freqs.diff()
     ramps = mel_freqs[:, None] - fft_freqs[None]

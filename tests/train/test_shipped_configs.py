@@ -109,8 +109,12 @@ def check_full_size_on_meta(model_cfg: ModelConfig, batch: PackedBatch, pad_id: 
     features, and a gradient of the right shape for every parameter. Padded layout and no loss:
     the packed path reads its offsets on the host, and the loss picks text positions by value,
     neither of which a meta tensor has."""
+    # BatchNorm's training statistics pick the real frames of a padded batch by value (boolean
+    # indexing), which meta tensors lack: frozen statistics, the same parameters and shapes (the
+    # width-scaled step runs the real training path).
+    frozen = model_cfg.conv_norm == "batch"
     with torch.device("meta"):
-        model = AEDModel(model_cfg)
+        model = AEDModel(replace(model_cfg, conv_norm_frozen=frozen))
     padded = batch.to_padded(pad_id).to("meta")
     enc, enc_segments = model.encode_padded(padded.features, padded.feature_segments)
     logits = model.decode_logits(padded.tokens, padded.token_segments, enc, enc_segments)
