@@ -132,7 +132,7 @@ class MonitorsConfig:
     gpu: bool = True
     """GPUUtilizationMonitor: NVML utilization and memory (does nothing without a GPU)."""
     throughput: bool = True
-    """ThroughputMonitor: real audio seconds, frames and tokens per second; MFU on GPUs."""
+    """SpeechThroughputMonitor: real audio seconds, frames and tokens per second; MFU on GPUs."""
 
 
 @dataclass
@@ -159,6 +159,10 @@ class TrainConfig:
     """Seed for weights, sampler and augmentation."""
     resume: str | None = None
     """Checkpoint to resume from, or "last" for out_dir/checkpoints/last.ckpt."""
+    init_from: str | None = None
+    """Fine-tune: start from this checkpoint's weights only (a speedasr checkpoint, or the
+    directory speedasr import-nemo wrote): its model settings and tokenizer, with the model.* keys
+    given here changed where the weights fit; new optimizer, schedule and step counter."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources and batch layout."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -83,7 +83,7 @@ class TokenCounter:
         """What counts tokens: the tokenizer directory, or ``"estimate"``."""
         if self.tokenizer is None:
             return "estimate"
-        return str(self.tokenizer.directory or "tokenizer")
+        return str(getattr(self.tokenizer, "directory", None) or "tokenizer")
 
     def prompt_tokens(self, language: str | None) -> int:
         language = language or "en"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import gc
 import logging
 import signal
@@ -21,6 +22,7 @@ from speedasr.data.audio import AudioLoadError
 from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset, SpecAugmentConfig
 from speedasr.data.manifests import ValidationReport, load_cuts, validate_cuts
+from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
@@ -75,15 +77,21 @@ class AsrDataModule(pl.LightningDataModule):
 
     def __init__(
         self, data: DataConfig, sampler: SamplerConfig, *, n_mels: int, seed: int = 0,
-        report_dir: str | None = None,
+        report_dir: str | None = None, tokenizer: Tokenizer | AggregateTokenizer | None = None,
+        frontend: torch.nn.Module | None = None,
     ) -> None:  # fmt: skip
+        """``tokenizer``: the model's (a checkpoint's, for ``init_from``) instead of loading
+        ``data.tokenizer``; ``frontend``: the model's feature module (NeMo's front end, see
+        ``AsrDataset``) instead of lhotse's fbank: training runs a copy in training mode (NeMo's
+        dither), validation one in eval mode."""
         super().__init__()
         self.cfg = data
         self.n_mels = n_mels  # the trained model's input features (ModelConfig.n_mels)
         self.sampler_cfg = sampler
         self.seed = seed
         self.report_dir = Path(report_dir) if report_dir else None
-        self.tokenizer = Tokenizer.load(data.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.load(data.tokenizer)
+        self.frontend = frontend
         self.train_cuts: CutSet | None = None
         self.dev_cuts: CutSet | None = None
         self.reports: dict[str, ValidationReport] = {}
@@ -158,9 +166,14 @@ class AsrDataModule(pl.LightningDataModule):
     def dataset(self, spec_augment: SpecAugmentConfig | None = None) -> AsrDataset:
         """Cuts -> batches in this run's layout, with the model's ``n_mels`` log-mel bins
         (training: with ``spec_augment``; validation: without)."""
+        frontend = None
+        if self.frontend is not None:
+            frontend = copy.deepcopy(self.frontend).to("cpu", torch.float32)
+            frontend.train(spec_augment is not None)
         return AsrDataset(
-            self.tokenizer, n_mels=self.n_mels, layout=self.cfg.layout, spec_augment=spec_augment
-        )
+            self.tokenizer, n_mels=self.n_mels, layout=self.cfg.layout, spec_augment=spec_augment,
+            frontend=frontend,
+        )  # fmt: skip
 
     def _loader(self, dataset, sampler, persistent: bool = False) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers

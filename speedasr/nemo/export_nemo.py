@@ -9,7 +9,11 @@ archive is what NeMo's ``save_to`` writes (docs/canary.md §1): an uncompressed 
 original tokenizer files under their original names, which the config's ``nemo:`` paths name.
 
 So import → export → import is bit-identical, and so is NeMo's state dict after import → export.
-The checkpoint must come from ``import-nemo`` (it carries the original config and files).
+The checkpoint must come from ``import-nemo`` or from a run fine-tuning one (``init_from``): both
+carry the original config and files. Model settings that differ from what the original config
+says (a fine-tuning run's dropout, say) are written into the config under the key
+``import_nemo.model_config`` reads them from (``NEMO_CONFIG_KEYS``); with none changed the config
+is written back byte for byte.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import io
 import math
 import tarfile
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -29,6 +35,17 @@ from speedasr.models.aed import AEDModel
 from speedasr.nemo.archive import CONFIG_MEMBER, WEIGHTS_MEMBER
 from speedasr.nemo.import_nemo import key_map
 from speedasr.nn.positions import sinusoidal_positions
+
+NEMO_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "dropout": ("encoder", "dropout"),
+    "xscaling": ("encoder", "xscaling"),
+    "label_smoothing": ("loss", "label_smoothing"),
+    "max_decoder_positions": ("transf_decoder", "config_dict", "max_sequence_length"),
+}
+"""``ModelConfig`` field -> the NeMo config key import-nemo reads it from (the settings a model can
+change without changing its tensors' shapes)."""
+NOT_FOR_NEMO = frozenset({"attention_backend", "conv_norm_frozen"})
+"""Settings of how speedasr runs or trains the model, with nothing for NeMo to store."""
 
 CONV_1X1 = ("conv.pointwise_conv1.weight", "conv.pointwise_conv2.weight")
 """NeMo keys of 1×1 Conv1d weights ``(out, in, 1)``; speedasr holds them as Linear ``(out, in)``."""
@@ -59,19 +76,20 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_nemo(ckpt_path: str | Path, out_path: str | Path) -> Path:
-    """Write ``out_path`` (a ``.nemo``) from an ``import-nemo`` checkpoint."""
+def export_nemo(ckpt_path: str | Path, out_path: str | Path) -> Exported:
+    """Write ``out_path`` (a ``.nemo``) from an ``import-nemo`` checkpoint or a fine-tuning
+    run's checkpoint of one."""
     from speedasr.nemo.import_nemo import load_imported
 
     model, ckpt = load_imported(ckpt_path)
     nemo = ckpt.get("nemo")
     if not isinstance(nemo, dict) or "config" not in nemo or "files" not in nemo:
         raise UserError(
-            f"checkpoint '{ckpt_path}' was not made by speedasr import-nemo (it holds no NeMo "
-            "config and tokenizer files to write back)"
+            f"checkpoint '{ckpt_path}' was not made by speedasr import-nemo or a run initialised "
+            "from one (it holds no NeMo config and tokenizer files to write back)"
         )
-    config = yaml.safe_load(nemo["config"])
-    state = nemo_state_dict(model, config)
+    config_bytes, changed = updated_config(ckpt_path, model, nemo)
+    state = nemo_state_dict(model, yaml.safe_load(config_bytes))
     weights = io.BytesIO()
     torch.save(state, weights)
     out = Path(out_path)
@@ -83,18 +101,69 @@ def export_nemo(ckpt_path: str | Path, out_path: str | Path) -> Path:
     with tarfile.open(tmp, "w:", format=tarfile.PAX_FORMAT) as tar:
         for name, data in sorted(nemo["files"].items()):
             _add(tar, name, data, now)
-        _add(tar, CONFIG_MEMBER, nemo["config"], now)
+        _add(tar, CONFIG_MEMBER, config_bytes, now)
         _add(tar, WEIGHTS_MEMBER, weights.getvalue(), now)
     tmp.replace(out)
-    return out
+    return Exported(out, changed)
+
+
+class Exported(NamedTuple):
+    path: Path
+    """The ``.nemo`` written."""
+    changed: list[str]
+    """NeMo config keys written with the checkpoint's value, as ``key: old -> new``."""
+
+
+def updated_config(ckpt_path: str | Path, model: AEDModel, nemo: dict) -> tuple[bytes, list[str]]:
+    """The original NeMo config with the model settings that changed since the import written
+    into it (``NEMO_CONFIG_KEYS``), and those changes; unchanged: the original bytes. A changed
+    setting NeMo's config cannot state is a ``UserError`` naming it (the ``.nemo`` would compute
+    something else than the checkpoint)."""
+    from speedasr.nemo.archive import NemoArchive
+    from speedasr.nemo.import_nemo import model_config
+
+    config = yaml.safe_load(nemo["config"])
+    archive = NemoArchive(Path(str(nemo.get("source", ckpt_path))), config, nemo["config"], {})
+    cfg = model.cfg
+    original = asdict(model_config(archive, vocab_size=cfg.vocab_size, pad_id=cfg.pad_id))
+    now = asdict(cfg)
+    changed = [k for k in now if now[k] != original[k] and k not in NOT_FOR_NEMO]
+    unmapped = [k for k in changed if k not in NEMO_CONFIG_KEYS]
+    if unmapped:
+        named = ", ".join(f"model.{k} {original[k]!r} -> {now[k]!r}" for k in unmapped)
+        raise UserError(
+            f"checkpoint '{ckpt_path}' changed model settings that a NeMo config cannot state "
+            f"({named}); export-nemo writes only models NeMo computes the same way"
+        )
+    if not changed:
+        return nemo["config"], []
+    notes = []
+    for key in changed:
+        *parents, leaf = NEMO_CONFIG_KEYS[key]
+        section = config
+        for name in parents:
+            section = section.setdefault(name, {})
+        notes.append(f"{'.'.join(NEMO_CONFIG_KEYS[key])}: {section.get(leaf)!r} -> {now[key]!r}")
+        section[leaf] = now[key]
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode(), notes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt", help="a checkpoint written by speedasr import-nemo (model.ckpt)")
+    parser.add_argument(
+        "ckpt", nargs="?",
+        help="a checkpoint written by speedasr import-nemo (model.ckpt) or by a run fine-tuning "
+        "one (init_from), e.g. exp/run/checkpoints/last.ckpt",
+    )  # fmt: skip
+    parser.add_argument("--ckpt", dest="ckpt_option", help="the checkpoint, as an option")
     parser.add_argument("--out", required=True, help="the .nemo file to write")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_nemo(args.ckpt, args.out)
-    print(f"exported {args.ckpt} to {out} (NeMo EncDecMultiTaskModel.restore_from reads it)")
+    if (args.ckpt is None) == (args.ckpt_option is None):
+        raise UserError("give the checkpoint once: speedasr export-nemo CKPT --out MODEL.nemo")
+    ckpt = args.ckpt or args.ckpt_option
+    out, changed = export_nemo(ckpt, args.out)
+    if changed:
+        print(f"config settings changed since the import, written: {'; '.join(changed)}")
+    print(f"exported {ckpt} to {out} (NeMo EncDecMultiTaskModel.restore_from reads it)")
     return 0

@@ -9,7 +9,9 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 
+from speedasr.checkpoint import tokenizer_from_state
 from speedasr.data.batch import PackedBatch, PaddedBatch
+from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.decoding import DecodingOptions
 from speedasr.inference import transcribe_batch
@@ -53,21 +55,32 @@ class AsrModule(pl.LightningModule):
         self.model_cfg = ModelConfig(**model)
         optim_cfg = OptimConfig(**optim)
         self.optim_cfg = replace(optim_cfg, betas=tuple(optim_cfg.betas))  # saved as a list
-        self.tokenizer = Tokenizer.from_state(tokenizer_state)
+        self.tokenizer = tokenizer_from_state(tokenizer_state)
         self.model = AEDModel(self.model_cfg)
+        self.nemo_files: dict[str, Any] | None = None
+        """NeMo's original config and tokenizer files of an imported model (``init_from``),
+        carried in every checkpoint for ``speedasr export-nemo``."""
         self._no_decay = {n for n, p in self.model.named_parameters() if p.ndim < 2}
         self._val_hyps: list[str] = []
         self._val_ctc_hyps: list[str] = []
         self._val_refs: list[str] = []
 
     @classmethod
-    def build(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> AsrModule:
+    def build(
+        cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer | AggregateTokenizer
+    ) -> AsrModule:
         plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(optim).items()}
         return cls(asdict(model), plain, tokenizer.to_state())
 
     # --- checkpoint: keep the tokenizer inside ---------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer"] = self.tokenizer.to_state()
+        if self.nemo_files is not None:
+            checkpoint["nemo"] = self.nemo_files
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(checkpoint.get("nemo"), dict):  # resume: carry them on
+            self.nemo_files = checkpoint["nemo"]
 
     # --- steps ------------------------------------------------------------------------------------
     def flops_per_batch(self, batch: PackedBatch | PaddedBatch) -> float:

@@ -37,10 +37,27 @@ def load_config(argv: list[str]):
             raise UserError(f"config file '{path}' does not exist")
     parser = train_parser()
     try:
-        return parser, parser.parse_args(argv)
+        ns = parser.parse_args(argv)
     except JsonArgError as e:
         keys = [a.dest for a in parser._actions if a.option_strings and a.dest != "help"]
         raise UserError(config_error(str(e), keys)) from None
+    if ns.init_from:
+        _model_from_checkpoint(parser, ns, argv)
+    return parser, ns
+
+
+def _model_from_checkpoint(parser, ns, argv: list[str]) -> None:
+    """``init_from``: the ``model`` section becomes the checkpoint's settings, with the keys the
+    config gave on top (so the saved config.yaml states the model the run trains)."""
+    from speedasr.train.pretrained import (
+        given_model_keys,
+        merged_model_settings,
+        read_pretrained,
+    )
+
+    saved = read_pretrained(ns.init_from).model
+    for key, value in merged_model_settings(saved, given_model_keys(parser, argv)).items():
+        setattr(ns.model, key, value)
 
 
 def instantiate_config(parser, ns):
@@ -178,12 +195,18 @@ def train(cfg, config_yaml: str | None = None) -> int:
         resolve_resume,
     )
     from speedasr.train.module import AsrModule
+    from speedasr.train.pretrained import check_fits, load_pretrained_weights, read_pretrained
     from speedasr.train.progress import limit_heap_arenas
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not cfg.data.train_cuts:
         raise UserError("config key data.train_cuts is not set")
-    if not cfg.data.tokenizer:
+    if cfg.init_from and cfg.data.tokenizer:
+        raise UserError(
+            "data.tokenizer and init_from are both set: a run initialised from a checkpoint "
+            "trains with the checkpoint's tokenizer (leave data.tokenizer empty)"
+        )
+    if not cfg.data.tokenizer and not cfg.init_from:
         raise UserError("config key data.tokenizer is not set")
     check_trainer_config(cfg.trainer)
     out_dir = Path(cfg.out_dir)
@@ -196,11 +219,20 @@ def train(cfg, config_yaml: str | None = None) -> int:
     torch.set_float32_matmul_precision("high")
     limit_heap_arenas()  # host memory stays flat across epochs (docs/benchmarks.md)
 
-    datamodule, model_cfg = build_data_and_model_config(cfg, out_dir)
+    pretrained = read_pretrained(cfg.init_from) if cfg.init_from else None
+    if pretrained is not None:
+        check_fits(pretrained, cfg.model)  # before the data is read and validated
+    datamodule, model_cfg = build_data_and_model_config(cfg, out_dir, pretrained)
     ckpt = resolve_resume(cfg.resume, out_dir)
     if ckpt is not None:
         check_resume_checkpoint(ckpt, model_cfg, datamodule.tokenizer)
     module = AsrModule.build(model_cfg, cfg.optim, datamodule.tokenizer)
+    if pretrained is not None:
+        # Weights only: the optimizer, schedule, step counter and data position start anew (a
+        # resumed run then replaces the weights with its checkpoint's).
+        load_pretrained_weights(module.model, pretrained, model_cfg)
+        module.nemo_files = pretrained.nemo
+        del pretrained  # the module holds its own copy of the weights
     callbacks, monitors = build_callbacks(cfg, out_dir)
     settings = {k: v for k, v in vars(cfg.trainer).items() if k not in ("logger", "callbacks")}
     loggers = build_loggers(out_dir, cfg.trainer.logger)
@@ -300,16 +332,27 @@ def check_something_trained(steps: int, faults, skipped_report=None) -> None:
     raise UserError(text)
 
 
-def build_data_and_model_config(cfg, report_dir: Path | None = None):
+def build_data_and_model_config(cfg, report_dir: Path | None = None, pretrained=None):
     """The run's ``AsrDataModule`` and the ``ModelConfig`` it feeds, made to agree here: the data
-    extracts the model's ``n_mels`` log-mel bins, and the model's vocabulary is the tokenizer's."""
+    extracts the model's features (``n_mels`` log-mel bins of its front end: lhotse's fbank, or
+    NeMo's with the checkpoint's tables) and the model's vocabulary is the tokenizer's (with
+    ``init_from``: the checkpoint's tokenizer). ``pretrained``: ``cfg.init_from`` already read."""
+    from speedasr.checkpoint import tokenizer_from_state
     from speedasr.data.datamodule import AsrDataModule
+    from speedasr.train.pretrained import frontend_for, read_pretrained
 
+    if pretrained is None and cfg.init_from:
+        pretrained = read_pretrained(cfg.init_from)
+    tokenizer = tokenizer_from_state(pretrained.tokenizer_state) if pretrained else None
     datamodule = AsrDataModule(
         cfg.data, cfg.sampler, n_mels=cfg.model.n_mels, seed=cfg.seed,
         report_dir=str(report_dir) if report_dir is not None else None,
+        tokenizer=tokenizer, frontend=frontend_for(cfg.model, pretrained),
     )  # fmt: skip
     model_cfg = cfg.model
+    if pretrained is not None:
+        # The checkpoint's vocabulary: NeMo pads it to a multiple of 8 past the tokenizer's.
+        return datamodule, model_cfg
     if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
         model_cfg = type(model_cfg)(
             **{**model_cfg.__dict__, "vocab_size": datamodule.tokenizer.vocab_size,

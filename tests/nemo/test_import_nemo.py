@@ -293,7 +293,9 @@ def test_import_export_import_is_bit_identical(imported, tmp_path):
     from speedasr.nemo.export_nemo import export_nemo
 
     out, _, first = imported
-    ckpt, *_ = import_nemo(export_nemo(out / "model.ckpt", tmp_path / "a.nemo"), tmp_path / "b")
+    ckpt, *_ = import_nemo(
+        export_nemo(out / "model.ckpt", tmp_path / "a.nemo").path, tmp_path / "b"
+    )
     second = torch.load(ckpt, weights_only=True)
     assert second["hyper_parameters"] == first["hyper_parameters"]
     assert second["tokenizer"] == first["tokenizer"]

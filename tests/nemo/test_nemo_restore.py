@@ -27,7 +27,7 @@ NEMO_PYTHON = os.environ.get("SPEEDASR_NEMO_PYTHON")
 @pytest.mark.skipif(not NEMO_PYTHON, reason="SPEEDASR_NEMO_PYTHON (a Python with NeMo) not set")
 def test_nemo_restores_the_export_and_gives_the_fixture_outputs(tmp_path):
     ckpt, *_ = import_nemo(REPO / "tests/fixtures/nemo/canary_tiny.nemo", tmp_path / "imported")
-    exported = export_nemo(ckpt, tmp_path / "exported.nemo")
+    exported = export_nemo(ckpt, tmp_path / "exported.nemo").path
     result = subprocess.run(
         [NEMO_PYTHON, str(REPO / "tools/nemo_fixture/check_export.py"), str(exported)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
