@@ -3,6 +3,11 @@
 Per cut: load audio, compute log-mel fbank on the fly (lhotse's extractor), normalize each utterance
 over its own frames, SpecAugment (training only, per utterance, so nothing crosses utterances), and
 tokenize ``prompt + text``. The batch descriptors (``Segments``) are built here, once per batch.
+
+With NeMo's aggregate tokenizer (an imported Canary model) the prompt follows the cut's ``pnc``
+(``cut.custom["pnc"]``, as ``speedasr data import --format nemo`` keeps it; NeMo's values), and
+without one it asks for punctuation and capitals as NeMo's does. speedasr's own tokenizer always
+prompts ``<|nopnc|>`` (its models learn the text as written).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from lhotse.features import Fbank, FbankConfig
 
 from speedasr.data.audio import SAMPLE_RATE, AudioLoadError, load_model_audio
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.data.nemo_tokenizer import AggregateTokenizer, pnc_flag
 from speedasr.data.tokenizer import Tokenizer
+from speedasr.errors import UserError
 from speedasr.nn.segments import Segments
 
 log = logging.getLogger(__name__)
@@ -46,14 +53,17 @@ class SpecAugmentConfig:
 
 
 def decoder_sequences(
-    tokenizer: Tokenizer, text: str, language: str
+    tokenizer: Tokenizer, text: str, language: str, pnc: bool | None = None
 ) -> tuple[list[int], list[int]]:
     """Decoder input and target ids of one utterance, ``L = prompt + text`` positions each.
 
     inputs:  ``<sot> <lang> <task> <pnc> t1 ... tn``
     targets: ``IGNORE ... IGNORE t1 ... tn <eot>`` (first ``prompt - 1``: no loss)
+
+    ``pnc``: the prompt's punctuation-and-capitals token; None: the tokenizer's default.
     """
-    prompt, text_ids = tokenizer.prompt(language), tokenizer.encode(text, language)
+    prompt = tokenizer.prompt(language) if pnc is None else tokenizer.prompt(language, pnc=pnc)
+    text_ids = tokenizer.encode(text, language)
     inputs = prompt + text_ids
     targets = [IGNORE_INDEX] * (len(prompt) - 1) + text_ids + [tokenizer.eot_id]
     return inputs, targets
@@ -70,6 +80,18 @@ def reference_and_language(cut: Cut) -> tuple[str, str]:
     if supervision is None:
         return "", "en"
     return supervision.text or "", supervision.language or "en"
+
+
+def cut_pnc(cut: Cut) -> bool | None:
+    """The cut's ``pnc`` (``cut.custom["pnc"]``, NeMo's values: yes/no, true/false, 1/0), or None
+    when it has none. ``UserError`` naming the cut for a value NeMo does not accept either."""
+    value = (getattr(cut, "custom", None) or {}).get("pnc")
+    if value is None:
+        return None
+    try:
+        return pnc_flag(value)
+    except ValueError as e:
+        raise UserError(f"cut '{cut.id}': {e}") from None
 
 
 class AsrDataset(torch.utils.data.Dataset):
@@ -98,6 +120,8 @@ class AsrDataset(torch.utils.data.Dataset):
         if layout not in ("packed", "padded"):
             raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
         self.tokenizer = tokenizer
+        # NeMo's Canary prompts carry the manifest's pnc; speedasr's own prompt is fixed.
+        self.prompt_follows_pnc = isinstance(tokenizer, AggregateTokenizer)
         self.layout = layout
         self.n_mels = n_mels
         self.extractor = Fbank(FbankConfig(num_mel_bins=n_mels))
@@ -125,7 +149,8 @@ class AsrDataset(torch.utils.data.Dataset):
                 skipped.append((cut.id, failure.reason, failure.detail))
                 continue
             text, language = reference_and_language(cut)
-            inp, tgt = decoder_sequences(self.tokenizer, text, language)
+            pnc = cut_pnc(cut) if self.prompt_follows_pnc else None
+            inp, tgt = decoder_sequences(self.tokenizer, text, language, pnc)
             feats.append(x)
             tokens.append(torch.tensor(inp, dtype=torch.int64))
             targets.append(torch.tensor(tgt, dtype=torch.int64))

@@ -8,12 +8,14 @@
   ``text_field: answer``), the language in ``"target_lang"`` (their ``lang_field``; it wins over
   ``"lang"``, then ``"source_lang"``, then ``--language``), and ``"taskname"``/``"task"``,
   ``"pnc"``. Lines asking for speech translation (a translation task, or source and target
-  languages that differ) are bad lines: speedasr transcribes. Every field the importer does not
-  consume is kept in ``cut.custom`` (NeMo's lhotse reader does the same), so ``pnc``,
-  ``source_lang``, ``target_lang``, ``taskname`` survive. Relative paths are resolved against the
-  manifest's folder. Recordings are built from each file's header (the file must exist); with
-  ``--no-audio-check`` they are built from the manifest alone (assumed ``--sampling-rate``, 16 kHz
-  by default, and length offset + duration), never touching audio.
+  languages that differ) are bad lines: speedasr transcribes; so are lines whose ``pnc`` is not
+  one of NeMo's values (yes/no, true/false, 1/0). Every field the importer does not consume is
+  kept in ``cut.custom`` (NeMo's lhotse reader does the same), so ``pnc`` (which the prompt of an
+  imported Canary model follows), ``source_lang``, ``target_lang``, ``taskname`` survive.
+  Relative paths are resolved against the manifest's folder. Recordings are built from each file's
+  header (the file must exist); with ``--no-audio-check`` they are built from the manifest alone
+  (assumed ``--sampling-rate``, 16 kHz by default, and length offset + duration), never touching
+  audio.
 * ``tsv``: length profiles (``utt_id<TAB>duration_seconds<TAB>text`` with a header line, plain or
   gzipped, no quoting) as in ../shared/data/real_lengths. They have no audio: each cut gets a
   metadata-only recording (16 kHz, ``round(duration * 16000)`` samples) whose source is a path that
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speedasr.data.audio import SAMPLE_RATE
+from speedasr.data.nemo_tokenizer import pnc_flag
 from speedasr.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -239,6 +242,8 @@ def _nemo_text_and_language(item: dict, default_language: str | None) -> tuple[s
             f"source_lang {source!r} and target_lang {target!r} ask for speech translation; "
             "speedasr only transcribes"
         )
+    if "pnc" in item:
+        pnc_flag(item["pnc"])  # a value NeMo's prompt refuses is a bad line, not a late error
     language = target or _language_code(item.get("lang")) or source or default_language
     return text_field, text, language
 

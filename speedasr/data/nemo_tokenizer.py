@@ -24,6 +24,22 @@ from speedasr.errors import UserError
 SPECIAL = "spl_tokens"
 EOT, SOT, PAD = "<|endoftext|>", "<|startoftranscript|>", "<pad>"
 PROMPT_FORMATS = ("canary", "canary2")
+# A manifest's ``pnc`` as NeMo's prompt formatters read it (common/prompts/canary.py, PNC_TRUE and
+# PNC_FALSE; canary2 takes the same values); NeMo refuses any other value, and so does speedasr.
+PNC_YES = frozenset({"yes", "Yes", "true", "True", "1", "pnc", "<|pnc|>"})
+PNC_NO = frozenset({"no", "No", "false", "False", "0", "nopnc", "<|nopnc|>"})
+
+
+def pnc_flag(value) -> bool:
+    """NeMo's meaning of a manifest's ``pnc`` field: True for ``yes``/``true``/``1`` (and
+    ``pnc``, ``<|pnc|>``), False for ``no``/``false``/``0`` (``nopnc``, ``<|nopnc|>``); a JSON
+    ``true``/``false`` or ``1``/``0`` counts as its spelling. ``ValueError`` for anything else."""
+    text = str(value)  # JSON true -> Python True -> "True"; 1 -> "1"
+    if text in PNC_YES:
+        return True
+    if text in PNC_NO:
+        return False
+    raise ValueError(f"pnc {value!r} is not one of NeMo's values (yes/no, true/false, 1/0)")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
+from pathlib import Path
+
 import pytest
 import torch
 from lhotse import CutSet
 
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset, SpecAugmentConfig, decoder_sequences
+from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.tokenizer import Tokenizer
+from speedasr.errors import UserError
 from speedasr.testing import make_tiny_cuts, tiny_texts
 
 N_MELS = 80
@@ -85,3 +89,60 @@ def test_broken_audio_is_skipped_and_reported(cuts, tok, tmp_path):
     batch = AsrDataset(tok, n_mels=N_MELS)[CutSet.from_cuts([broken, *list(cuts)[1:]])]
     assert batch.skipped_cut_ids == (broken.id,)
     assert batch.cut_ids == [c.id for c in list(cuts)[1:]]
+
+
+NEMO = Path(__file__).parents[1] / "fixtures" / "nemo" / "canary_tiny.nemo"
+
+
+@pytest.fixture(scope="module")
+def canary_state():
+    from speedasr.nemo.archive import read_nemo
+    from speedasr.nemo.import_nemo import tokenizer_state
+
+    return tokenizer_state(read_nemo(NEMO))
+
+
+# (cut.custom["pnc"], the prompt's pnc token): absent -> NeMo's default <|pnc|>; NeMo's spellings
+# of yes and no; a JSON true/0 read by lhotse as a Python bool/int.
+PNC_CASES = [(None, "<|pnc|>"), ("yes", "<|pnc|>"), ("no", "<|nopnc|>"), ("false", "<|nopnc|>"),
+             ("1", "<|pnc|>"), ("0", "<|nopnc|>"), (True, "<|pnc|>"), (0, "<|nopnc|>")]  # fmt: skip
+
+
+@pytest.mark.parametrize("prompt_format", ["canary2", "canary"])
+def test_canary_prompt_follows_the_cuts_pnc(cuts, canary_state, prompt_format):
+    tok = AggregateTokenizer.from_state({**canary_state, "prompt_format": prompt_format})
+    cut = cuts[0]
+    batch_cuts = CutSet.from_cuts(
+        cut.with_id(f"{cut.id}-{i}") if v is None else cut.with_id(f"{cut.id}-{i}").with_custom(
+            "pnc", v)
+        for i, (v, _) in enumerate(PNC_CASES)
+    )  # fmt: skip
+    batch = AsrDataset(tok, n_mels=N_MELS)[batch_cuts]
+    # Ids of the fixture's spl_tokens pieces, read by hand (as in test_nemo_tokenizer.py):
+    # <|startofcontext|> 7, <|startoftranscript|> 4, <|emo:undefined|> 8, <|en|> 21,
+    # <|transcribe|> 19, <|pnc|> 5, <|nopnc|> 6, <|noitn|> 14, <|notimestamp|> 16,
+    # <|nodiarize|> 18.
+    ids = {"<|pnc|>": 5, "<|nopnc|>": 6}
+    prompts = [t[:p].tolist() for t, p in zip(
+        batch.token_segments.split(batch.tokens), batch.prompt_lengths, strict=True)]  # fmt: skip
+    for prompt, (_, token) in zip(prompts, PNC_CASES, strict=True):
+        if prompt_format == "canary2":
+            assert prompt == [7, 4, 8, 21, 21, ids[token], 14, 16, 18]
+        else:
+            assert prompt == [4, 21, 19, 21, ids[token]]
+
+
+def test_own_tokenizer_prompt_ignores_pnc(cuts, tok):
+    """speedasr's own prompt stays <|nopnc|> whatever the cut says (its models learn text as
+    written)."""
+    cut = cuts[0]
+    batch = AsrDataset(tok, n_mels=N_MELS)[CutSet.from_cuts([cut.with_custom("pnc", "yes")])]
+    assert batch.tokens[:4].tolist() == [tok.sot_id, tok.id("<|en|>"), tok.id("<|transcribe|>"),
+                                         tok.id("<|nopnc|>")]  # fmt: skip
+
+
+def test_canary_pnc_value_nemo_refuses_names_the_cut(cuts, canary_state):
+    tok = AggregateTokenizer.from_state(canary_state)
+    bad = cuts[0].with_custom("pnc", "maybe")
+    with pytest.raises(UserError, match=f"cut '{bad.id}': pnc 'maybe' is not one of NeMo's"):
+        AsrDataset(tok, n_mels=N_MELS)[CutSet.from_cuts([bad])]

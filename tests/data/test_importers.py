@@ -151,11 +151,13 @@ def test_nemo_canary_manifest(tmp_path):
                      offset=0.5),  # 4: a translation task
         _canary_line(a, "x", taskname="summarize", offset=0.5),  # 5
         _canary_line(a, " ", offset=0.5),  # 6: empty answer
+        _canary_line(a, "x", pnc="maybe", offset=0.5),  # 7: NeMo's prompt refuses this pnc
     ]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
     cuts, report = import_nemo(path, language="fr")
-    assert [n for n, _ in report.bad_lines] == [3, 4, 5, 6]
+    assert [n for n, _ in report.bad_lines] == [3, 4, 5, 6, 7]
     problems = dict(report.bad_lines)
+    assert problems[7] == "pnc 'maybe' is not one of NeMo's values (yes/no, true/false, 1/0)"
     assert "source_lang 'en' and target_lang 'de' ask for speech translation" in problems[3]
     assert "task 'ast' is speech translation" in problems[4]
     assert "unknown task 'summarize'" in problems[5]
