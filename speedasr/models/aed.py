@@ -22,6 +22,7 @@ from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 from speedasr.nn.conformer import ConformerEncoder
 from speedasr.nn.decoder import TransformerDecoder
 from speedasr.nn.filterbank import NemoFilterbank
+from speedasr.nn.guided_attention import AlignmentPrior
 from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
 from speedasr.nn.segments import Segments
 
@@ -108,6 +109,12 @@ class ModelConfig:
     """Packed attention backend (``speedasr.nn.attention``); padded batches use dense torch."""
     ctc_weight: float = 0.3
     """Weight of the auxiliary CTC loss on the encoder (0 disables it and its output layer)."""
+    guided_attention_weight: float = 0.0
+    """Weight of the diagonal guided-attention loss on the decoder's cross-attention
+    (``speedasr.nn.guided_attention``): teaches a decoder trained from scratch to align tokens
+    with frames early (docs/training.md). Training only; 0 turns it off (and costs nothing)."""
+    guided_attention_sigma: float = 0.2
+    """Width of the guided-attention diagonal band, as a fraction of the utterance."""
     label_smoothing: float = 0.1
     """Label smoothing of the decoder cross-entropy."""
 
@@ -150,6 +157,8 @@ class ModelConfig:
             (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
             (self.encoder_layers >= 0 and self.decoder_layers >= 0, "layer counts must be >= 0"),
             (0.0 <= self.ctc_weight <= 1.0, "ctc_weight must be in [0, 1]"),
+            (self.guided_attention_weight >= 0, "guided_attention_weight must be >= 0"),
+            (self.guided_attention_sigma > 0, "guided_attention_sigma must be > 0"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (
@@ -189,7 +198,8 @@ class AEDOutput:
     """What one forward pass returns (losses are means per token, fp32 scalars)."""
 
     loss: torch.Tensor
-    """Training objective: ``(1 - ctc_weight) * ce_loss + ctc_weight * ctc_loss``."""
+    """Training objective: ``(1 - ctc_weight) * ce_loss + ctc_weight * ctc_loss``
+    ``+ guided_attention_weight * guide_loss``."""
     ce_loss: torch.Tensor
     """Label-smoothed cross-entropy per target token (text tokens + end-of-text)."""
     ctc_loss: torch.Tensor | None
@@ -198,6 +208,9 @@ class AEDOutput:
     """Tokens the cross-entropy averaged over (for token-weighted logging across batches)."""
     num_encoder_frames: int
     """Real encoder frames computed (padding excluded)."""
+    guide_loss: torch.Tensor | None = None
+    """Guided-attention cost per target row (``speedasr.nn.guided_attention``), or None when
+    ``guided_attention_weight == 0``."""
 
 
 class AEDModel(nn.Module):
@@ -292,9 +305,19 @@ class AEDModel(nn.Module):
             PaddedLayout(enc_segments, enc.shape[1]),
         )
 
-    def _decoder_hidden(self, tokens, token_segments, enc, enc_segments) -> torch.Tensor:
+    def _decoder_hidden(
+        self, tokens, token_segments, enc, enc_segments, prior=None
+    ) -> torch.Tensor:
         tok_layout, enc_layout = self._layouts(tokens, token_segments, enc, enc_segments)
-        return self.decoder.hidden(tokens, tok_layout, enc, enc_layout)
+        return self.decoder.hidden(tokens, tok_layout, enc, enc_layout, prior)
+
+    def _alignment_prior(self, batch, enc_segments: Segments) -> AlignmentPrior | None:
+        if self.cfg.guided_attention_weight == 0:
+            return None
+        return AlignmentPrior(
+            batch.token_segments, enc_segments, batch.prompt_lengths,
+            self.cfg.guided_attention_sigma,
+        )  # fmt: skip
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, batch: PackedBatch | PaddedBatch) -> AEDOutput:
@@ -302,7 +325,8 @@ class AEDModel(nn.Module):
         ts = batch.token_segments
         if isinstance(batch, PackedBatch):
             enc, enc_segments = self.encode(batch.features, batch.feature_segments)
-            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments)
+            prior = self._alignment_prior(batch, enc_segments)
+            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments, prior)
             # Only target positions are projected to the vocabulary (prompt rows carry no loss).
             keep = batch.targets != IGNORE_INDEX
             logits, targets = self.decoder.logits(hidden[keep]), batch.targets[keep]
@@ -310,7 +334,8 @@ class AEDModel(nn.Module):
             tokens = batch.tokens
         elif isinstance(batch, PaddedBatch):
             enc, enc_segments = self.encode_padded(batch.features, batch.feature_segments)
-            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments)
+            prior = self._alignment_prior(batch, enc_segments)
+            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments, prior)
             logits = self.decoder.logits(hidden).flatten(0, 1)  # padding included: the padded cost
             targets = batch.targets.flatten()
             ctc_log_probs = self.ctc_log_probs(enc) if has_ctc else None
@@ -342,9 +367,12 @@ class AEDModel(nn.Module):
                 ) / max(sum(text_lengths), 1)  # fmt: skip
             w = self.cfg.ctc_weight
             loss = (1 - w) * ce + w * ctc
+        guide = prior.loss() if prior is not None else None
+        if guide is not None:
+            loss = loss + self.cfg.guided_attention_weight * guide
         return AEDOutput(
             loss=loss, ce_loss=ce, ctc_loss=ctc, num_target_tokens=num_targets,
-            num_encoder_frames=enc_segments.total,
+            num_encoder_frames=enc_segments.total, guide_loss=guide,
         )  # fmt: skip
 
     def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:

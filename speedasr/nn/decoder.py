@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedasr.nn.conformer import FeedForward, SelfAttention
+from speedasr.nn.guided_attention import AlignmentPrior
 from speedasr.nn.layout import Layout
 from speedasr.nn.positions import sinusoidal_positions
 from speedasr.nn.rotary import apply_rotary
@@ -34,10 +35,13 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(
-        self, x: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout,
+        prior: AlignmentPrior | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         q = self.q(x).unflatten(-1, (self.heads, self.head_dim))
         k, v = self.kv(memory).unflatten(-1, (2, self.heads, self.head_dim)).unbind(-3)
+        if prior is not None:  # training only: a loss on this call's attention weights
+            prior.add(q, k)
         return self.proj(layout.attend(q, k, v, memory_layout, causal=False).flatten(-2))
 
     # Incremental decoding (speedasr.decoding): keys/values of the encoder output are computed once.
@@ -74,10 +78,12 @@ class DecoderBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout,
+        prior: AlignmentPrior | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         x = x + self.dropout(self.self_attn(self.self_norm(x), layout))
-        x = x + self.dropout(self.cross_attn(self.cross_norm(x), layout, memory, memory_layout))
+        cross = self.cross_attn(self.cross_norm(x), layout, memory, memory_layout, prior)
+        x = x + self.dropout(cross)
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
     def forward_cached(
@@ -184,13 +190,16 @@ class TransformerDecoder(nn.Module):
         return memory
 
     def hidden(
-        self, tokens: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout
-    ) -> torch.Tensor:
-        """``tokens: (ΣL,)`` or ``(B, L)`` -> ``(ΣL, D)`` or ``(B, L, D)`` final states."""
+        self, tokens: torch.Tensor, layout: Layout, memory: torch.Tensor, memory_layout: Layout,
+        prior: AlignmentPrior | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``tokens: (ΣL,)`` or ``(B, L)`` -> ``(ΣL, D)`` or ``(B, L, D)`` final states.
+
+        prior: collects the guided-attention loss of every block's cross-attention (training)."""
         memory = self.project_memory(memory, memory_layout.positions)
         x = self.dropout(self.embed_tokens(tokens, layout.positions))
         for block in self.blocks:
-            x = block(x, layout, memory, memory_layout)
+            x = block(x, layout, memory, memory_layout, prior)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

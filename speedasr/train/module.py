@@ -105,6 +105,8 @@ class AsrModule(pl.LightningModule):
         self.log("train/ce_loss", out.ce_loss, batch_size=n)
         if out.ctc_loss is not None:
             self.log("train/ctc_loss", out.ctc_loss, batch_size=n)
+        if out.guide_loss is not None:
+            self.log("train/guide_loss", out.guide_loss, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return out.loss
 

@@ -158,6 +158,35 @@ def test_perturbing_one_utterance_leaves_others_bit_identical():
     assert not torch.equal(logits[tok_rows], logits2[tok_rows])
 
 
+def test_guided_attention_loss_packed_equals_padded_and_each_utterance_alone():
+    # The guided-attention loss (speedasr.nn.guided_attention) is a mean over target rows of every
+    # utterance that has frames: the batch value is the row-weighted mean of the utterances' own.
+    m = model(guided_attention_weight=0.5)
+    packed, g_packed = loss_and_grads(m, make_batch(FRAMES, TEXTS, PROMPTS))
+    padded, g_padded = loss_and_grads(m, make_batch(FRAMES, TEXTS, PROMPTS).to_padded(pad_id=0))
+    close(packed.loss, padded.loss)
+    close(packed.guide_loss, padded.guide_loss)
+    g_padded["features"] = make_batch(FRAMES, TEXTS, PROMPTS).feature_segments.unpad(
+        g_padded["features"]
+    )
+    close_grads(g_packed, g_padded)
+    base = model()(make_batch(FRAMES, TEXTS, PROMPTS))
+    assert base.guide_loss is None
+    close(packed.loss, 0.7 * packed.ce_loss + 0.3 * packed.ctc_loss + 0.5 * packed.guide_loss)
+    close(packed.ce_loss, base.ce_loss)  # the loss only adds a term: nothing else changes
+    feats = make_batch(FRAMES, TEXTS, PROMPTS).feature_segments.split(
+        make_batch(FRAMES, TEXTS, PROMPTS).features
+    )
+    total = rows = 0.0
+    for i in range(len(FRAMES)):
+        one = make_batch([FRAMES[i]], [TEXTS[i]], [PROMPTS[i]])
+        one.features = feats[i].clone()
+        n = len(TEXTS[i]) + 1 if FRAMES[i] > 0 else 0
+        total += float(m(one).guide_loss) * n
+        rows += n
+    assert float(packed.guide_loss) == pytest.approx(total / rows, rel=1e-5)
+
+
 def test_without_ctc():
     m = model(ctc_weight=0.0)
     assert m.ctc_head is None
@@ -193,6 +222,10 @@ def test_config_round_trip_and_validation():
         config(pad_id=VOCAB)
     with pytest.raises(ValueError, match="n_mels"):
         config(n_mels=0)
+    with pytest.raises(ValueError, match="guided_attention_sigma"):
+        config(guided_attention_sigma=0.0)
+    with pytest.raises(ValueError, match="guided_attention_weight"):
+        config(guided_attention_weight=-1.0)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
