@@ -293,11 +293,39 @@ def train_config_sections() -> dict[str, type]:
     return dataclass_sections(TrainConfig)
 
 
+def model_and_tokenizer(cfg):
+    """The ``ModelConfig`` and tokenizer the run of ``cfg`` trains with, as ``speedasr train``
+    makes them: with ``init_from``, the checkpoint's model settings (``parse_config`` has put the
+    config's ``model.*`` keys on top; a change of shape is the same one-line error as in training)
+    and its tokenizer, with the checkpoint's vocabulary (NeMo pads it past the tokenizer's);
+    otherwise ``data.tokenizer`` and the config's model with that tokenizer's vocabulary."""
+    from speedasr.data.tokenizer import Tokenizer
+
+    if cfg.init_from:
+        from speedasr.checkpoint import tokenizer_from_state
+        from speedasr.train.pretrained import check_fits, read_pretrained
+
+        if cfg.data.tokenizer:
+            raise UserError(
+                "data.tokenizer and init_from are both set: a run initialised from a checkpoint "
+                "trains with the checkpoint's tokenizer (leave data.tokenizer empty)"
+            )
+        pretrained = read_pretrained(cfg.init_from)
+        check_fits(pretrained, cfg.model)
+        return cfg.model, tokenizer_from_state(pretrained.tokenizer_state)
+    if not cfg.data.tokenizer:
+        raise UserError("config key data.tokenizer is not set (nor init_from)")
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    model_cfg = type(cfg.model)(
+        **{**cfg.model.__dict__, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
+    )
+    return model_cfg, tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     from speedasr.data.bucketing import TokenCounter
     from speedasr.data.packing import PackingCost
     from speedasr.data.sampling import load_or_estimate_bins
-    from speedasr.data.tokenizer import Tokenizer
     from speedasr.train.run import parse_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -308,12 +336,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"calibration needs sampler.mode bucket2d or packed, not {cfg.sampler.mode}"
         )
-    if not cfg.data.tokenizer:
-        raise UserError("config key data.tokenizer is not set")
-    tokenizer = Tokenizer.load(cfg.data.tokenizer)
-    model_cfg = type(cfg.model)(
-        **{**cfg.model.__dict__, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
-    )
+    model_cfg, tokenizer = model_and_tokenizer(cfg)
     counter = TokenCounter(tokenizer)
     if cfg.sampler.bins and Path(cfg.sampler.bins).is_file():
         bins = load_or_estimate_bins([], cfg.sampler, counter)
@@ -355,9 +378,12 @@ def run(args: argparse.Namespace) -> int:
         sampler["bins"] = cfg.sampler.bins
     else:
         log.warning("sampler.bins is not set: training must estimate the same bins again")
+    params = sum(p.numel() for p in calibrator.model.parameters())
+    source = f" (init_from {cfg.init_from})" if cfg.init_from else ""
     header = (
         f"# speedasr calibrate --config {args.config}: {len(results)} buckets, "
         f"{calibrator.trials} trials, {seconds:.0f} s, on {device}; limit: {limit_text}\n"
+        f"# model: {params:,} parameters{source}\n"
         f"# use: speedasr train --config {args.config} --config {args.out}\n"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -366,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(
             json.dumps(
                 {"limit": limit_text, "device": str(device), "sampler": sampler,
+                 "model": asdict(model_cfg), "parameters": params,
                  "buckets": [asdict(r) for r in results]},
                 indent=1,
             )

@@ -1,14 +1,18 @@
 """`speedasr calibrate`: search logic, and a real CPU calibration that training then respects."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from speedasr.cli import main
 from speedasr.data.bucketing import BucketBins
 from speedasr.data.tokenizer import Tokenizer
+from speedasr.nemo.import_nemo import import_nemo
 from speedasr.testing import make_tiny_cuts, tiny_texts
 from speedasr.train.calibrate import calibrate_buckets, largest_batch
 
@@ -136,4 +140,56 @@ def test_overrides_use_train_syntax_and_reach_the_config(tmp_path, capsys):
     assert "did you mean --model.d_model?" in capsys.readouterr().err
     assert main([*base, "--data.spec_augment.enabled=flase"]) == 2  # nested section, bool typo
     assert "expected true or false" in capsys.readouterr().err
+    assert not (tmp_path / "o.yaml").exists()
+
+
+NEMO = Path(__file__).parents[1] / "fixtures" / "nemo" / "canary_tiny.nemo"
+
+
+@pytest.fixture(scope="module")
+def imported_with_size(tmp_path_factory):
+    """import-nemo's output directory and the parameters of the model import-nemo built."""
+    out = tmp_path_factory.mktemp("imported")
+    model = import_nemo(NEMO, out).model
+    return out, sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def imported(imported_with_size):
+    return imported_with_size[0]
+
+
+def _init_from_config(tmp_path, imported, extra: str = "") -> list[str]:
+    BucketBins([1.0, 2.0], [[20], [30]], [40, 40]).save(tmp_path / "bins.json")
+    (tmp_path / "c.yaml").write_text(
+        f"init_from: {imported}\nmodel: {{dropout: 0.0}}\n"
+        f"sampler: {{mode: bucket2d, bins: {tmp_path / 'bins.json'}}}\n{extra}"
+    )
+    return ["calibrate", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o.yaml")]
+
+
+def test_init_from_calibrates_the_checkpoints_model(tmp_path, imported_with_size):
+    """With ``init_from`` (and no data.tokenizer) calibration runs the model training will run:
+    the checkpoint's settings with the config's ``model.*`` on top, NeMo's padded vocabulary."""
+    imported, parameters = imported_with_size
+    args = _init_from_config(tmp_path, imported)
+    code = main([*args, "--json", str(tmp_path / "o.json"), "--memory-budget", "1000",
+                 "--max-batch", "2", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "o.json").read_text())
+    saved = torch.load(imported / "model.ckpt", weights_only=True)["hyper_parameters"]["model"]
+    assert report["model"] == json.loads(json.dumps({**saved, "dropout": 0.0}))
+    assert report["model"]["vocab_size"] == 128  # 126 tokenizer pieces, padded to 8 by NeMo
+    assert report["parameters"] == parameters
+    assert yaml.safe_load((tmp_path / "o.yaml").read_text())["sampler"]["batch_sizes"] == [2, 2]
+
+
+def test_init_from_errors_match_training(tmp_path, imported, capsys):
+    args = _init_from_config(tmp_path, imported, extra=f"data: {{tokenizer: {tmp_path}}}\n")
+    assert main(args) == 2
+    assert "data.tokenizer and init_from are both set" in capsys.readouterr().err
+    args = _init_from_config(tmp_path, imported)
+    assert main([*args, "--model.ff_mult=2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model: shapes differ" in err and "ff_mult 4 -> 2" in err
     assert not (tmp_path / "o.yaml").exists()
