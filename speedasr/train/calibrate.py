@@ -266,6 +266,11 @@ def packed_budget(results: list[BucketResult], cost) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config (YAML) to calibrate")
+    parser.add_argument(
+        "--init-from", default=None,
+        help="fine-tuning: the checkpoint (or import-nemo directory) the run starts from, as "
+        "train's init_from: its model and tokenizer are calibrated",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, help="config fragment to write (YAML)")
     parser.add_argument("--json", default=None, help="also write per-bucket measurements here")
     parser.add_argument(
@@ -331,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 0 < args.gap < 1:
         raise UserError(f"--gap must be in (0, 1), got {args.gap}")
-    cfg = parse_config(["--config", args.config, *args.overrides.args])
+    init_from = ["--init_from", args.init_from] if args.init_from else []
+    cfg = parse_config(["--config", args.config, *init_from, *args.overrides.args])
     if cfg.sampler.mode not in ("bucket2d", "packed"):
         raise UserError(
             f"calibration needs sampler.mode bucket2d or packed, not {cfg.sampler.mode}"
@@ -384,7 +390,9 @@ def run(args: argparse.Namespace) -> int:
         f"# speedasr calibrate --config {args.config}: {len(results)} buckets, "
         f"{calibrator.trials} trials, {seconds:.0f} s, on {device}; limit: {limit_text}\n"
         f"# model: {params:,} parameters{source}\n"
-        f"# use: speedasr train --config {args.config} --config {args.out}\n"
+        f"# use: speedasr train --config {args.config} --config {args.out}"
+        + (f" --init_from {args.init_from}" if args.init_from else "")
+        + "\n"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(header + _yaml({"sampler": sampler}))

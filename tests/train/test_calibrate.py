@@ -159,20 +159,23 @@ def imported(imported_with_size):
     return imported_with_size[0]
 
 
-def _init_from_config(tmp_path, imported, extra: str = "") -> list[str]:
+def _init_from_config(tmp_path, imported, extra: str = "", flag: bool = False) -> list[str]:
+    """calibrate's arguments for a config fine-tuning ``imported`` (``init_from`` in the YAML, or
+    with ``flag`` as ``--init_from``)."""
     BucketBins([1.0, 2.0], [[20], [30]], [40, 40]).save(tmp_path / "bins.json")
     (tmp_path / "c.yaml").write_text(
-        f"init_from: {imported}\nmodel: {{dropout: 0.0}}\n"
+        ("" if flag else f"init_from: {imported}\n") + "model: {dropout: 0.0}\n"
         f"sampler: {{mode: bucket2d, bins: {tmp_path / 'bins.json'}}}\n{extra}"
     )
-    return ["calibrate", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o.yaml")]
+    args = ["calibrate", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o.yaml")]
+    return [*args, "--init_from", str(imported)] if flag else args
 
 
 def test_init_from_calibrates_the_checkpoints_model(tmp_path, imported_with_size):
     """With ``init_from`` (and no data.tokenizer) calibration runs the model training will run:
     the checkpoint's settings with the config's ``model.*`` on top, NeMo's padded vocabulary."""
     imported, parameters = imported_with_size
-    args = _init_from_config(tmp_path, imported)
+    args = _init_from_config(tmp_path, imported, flag=True)
     code = main([*args, "--json", str(tmp_path / "o.json"), "--memory-budget", "1000",
                  "--max-batch", "2", "--device", "cpu"])  # fmt: skip
     assert code == 0
