@@ -19,11 +19,11 @@ __version__ = "0.1.0"
 __all__ = ["Transcriber", "__version__", "load"]
 
 
-def load(ckpt, device="cpu", dtype="float32") -> Transcriber:
+def load(ckpt, device="cpu", dtype="float32", attention_backend=None) -> Transcriber:
     """The model of a speedasr checkpoint, ready to ``transcribe``; see ``speedasr.api.load``."""
     from speedasr.api import load as _load
 
-    return _load(ckpt, device=device, dtype=dtype)
+    return _load(ckpt, device=device, dtype=dtype, attention_backend=attention_backend)
 
 
 def __getattr__(name: str):

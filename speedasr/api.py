@@ -26,11 +26,13 @@ from speedasr.decoding import DecodingOptions
 from speedasr.errors import UserError
 from speedasr.inference import (
     DTYPES,
+    check_attention_backend,
     feature_frontend,
     inference_dtype,
     iterate_batches,
     transcribe_batch,
 )
+from speedasr.nn.attention import BACKENDS
 
 if TYPE_CHECKING:
     from lhotse import CutSet
@@ -42,12 +44,17 @@ AudioInput = Any
 
 
 def load(
-    ckpt: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+    ckpt: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attention_backend: str | None = None,
 ) -> Transcriber:
     """The model of a speedasr checkpoint, ready to transcribe (eval mode, on ``device``).
 
     dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (GPU only), or the torch
-    dtype. ``UserError`` for a missing or unreadable checkpoint or an unknown dtype.
+    dtype. attention_backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"flash_attn"`` (None:
+    the checkpoint's ``model.attention_backend``). ``UserError`` for a missing or unreadable
+    checkpoint, an unknown dtype or backend, or a backend that cannot run on ``device``.
     """
     if isinstance(dtype, torch.dtype):
         names = {v: k for k, v in DTYPES.items()}
@@ -56,8 +63,20 @@ def load(
         dtype = names[dtype]
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    if attention_backend is not None and attention_backend not in BACKENDS:
+        raise UserError(
+            f"attention_backend '{attention_backend}' is not one of {', '.join(BACKENDS)}"
+        )
     torch_dtype = inference_dtype(dtype, device)
-    return Transcriber(load_model(ckpt, device, torch_dtype), ckpt, torch.device(device))
+    loaded = load_model(ckpt, device, torch_dtype, attention_backend)
+    backend = loaded.config.attention_backend
+    check_attention_backend(
+        backend, torch.device(device).type == "cuda",
+        setting=(f"attention_backend='{backend}'" if attention_backend else
+                 f"checkpoint '{ckpt}': model.attention_backend={backend}"),
+        device=f"device is {device}", instead="attention_backend='auto' or 'torch'",
+    )  # fmt: skip
+    return Transcriber(loaded, ckpt, torch.device(device))
 
 
 class Transcriber:

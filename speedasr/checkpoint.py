@@ -8,7 +8,7 @@ someone else cannot run code) and needs no other file.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -80,10 +80,14 @@ def tokenizer_from_state(state: dict) -> Tokenizer | AggregateTokenizer:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attention_backend: str | None = None,
 ) -> LoadedModel:
     """The model of a speedasr checkpoint, in eval mode, its weights cast to ``dtype`` on
-    ``device`` (inference in bfloat16: see ``speedasr.inference.inference_dtype``)."""
+    ``device`` (inference in bfloat16: see ``speedasr.inference.inference_dtype``), running
+    ``attention_backend`` (None: the checkpoint's ``model.attention_backend``)."""
     ckpt = read_checkpoint(path)
     try:
         config = saved_model_config(ckpt["hyper_parameters"]["model"], path)
@@ -95,6 +99,11 @@ def load_model(
         }
     except (KeyError, TypeError) as e:
         raise UserError(f"'{path}' is not a speedasr checkpoint (missing {e})") from None
+    if attention_backend is not None:  # how the model runs, not what it is (same weights)
+        try:
+            config = replace(config, attention_backend=attention_backend)
+        except ValueError as e:  # e.g. a kernel without relative positions
+            raise UserError(f"attention backend '{attention_backend}' for '{path}': {e}") from None
     model = AEDModel(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -8,6 +8,7 @@ measured in any of them is the same number.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import warnings
@@ -25,6 +26,8 @@ from speedasr.data.manifests import Reject, format_reason_counts
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.decoding import DecodingOptions, decode_encoded
 from speedasr.errors import UserError
+from speedasr.extras import EXTRAS, MissingExtraError
+from speedasr.nn.attention import BACKENDS
 from speedasr.nn.segments import Segments
 from speedasr.options import DTYPE_ALIASES, add_dtype_argument
 
@@ -149,6 +152,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--batch-size", type=int, default=None, help="most utterances per batch")
     group.add_argument("--device", default="cpu")
+    group.add_argument(
+        "--attention-backend",
+        choices=BACKENDS,
+        default=None,
+        help="attention implementation (default: the checkpoint's model.attention_backend): "
+        "auto (triton on CUDA, else torch), torch (runs everywhere), triton, flash_attn (CUDA)",
+    )
     add_dtype_argument(
         group, "float32",
         "weights and activations: float32 (default); bfloat16 (about 2x faster matmuls on "
@@ -200,12 +210,57 @@ def _cpu_has_native_bfloat16() -> bool:
         return True
 
 
+def check_attention_backend(
+    backend: str, cuda: bool, *, setting: str, device: str, instead: str
+) -> None:
+    """``UserError`` when the attention ``backend`` cannot run where the model will run (``cuda``:
+    on a CUDA device), so that it is said before any data is read: the backend itself fails only
+    at the first batch. The message is ``setting`` (what chose the backend), the problem (with
+    ``device``, the device in words) and ``instead`` (the setting that would run here)."""
+    if backend == "triton":
+        try:
+            flash_varlen = importlib.import_module("speedasr.kernels.flash_varlen")
+        except MissingExtraError:
+            distribution, extra = EXTRAS["triton"]
+            raise UserError(
+                f"{setting} needs {distribution}, which the core install leaves out (use "
+                f"{instead} without it): pip install 'speedasr[{extra}]'"
+            ) from None
+        # Under TRITON_INTERPRET=1 (read when the kernels were decorated) they run on CPU
+        # tensors too: slowly, for debugging them (and for the tests).
+        if cuda or flash_varlen._INTERPRET:
+            return
+    elif backend == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"{setting} needs the flash-attn package, which is not installed: pip install "
+                f"flash-attn (CUDA only), or use {instead}"
+            ) from None
+        if cuda:
+            return
+    else:  # auto picks a backend that runs here; torch runs everywhere
+        return
+    raise UserError(f"{setting} runs only on CUDA GPUs and {device}: use {instead}")
+
+
 def load_for_inference(args: argparse.Namespace, options: DecodingOptions):
-    """The checkpoint ``--ckpt`` on ``--device`` in ``--dtype`` (``LoadedModel``); ``UserError``
-    if ``options`` ask for a part the model lacks (CTC head)."""
+    """The checkpoint ``--ckpt`` on ``--device`` in ``--dtype`` with ``--attention-backend``
+    (``LoadedModel``); ``UserError`` if ``options`` ask for a part the model lacks (CTC head) or
+    the attention backend cannot run on ``--device``."""
     from speedasr.checkpoint import load_model
 
-    loaded = load_model(args.ckpt, args.device, inference_dtype(args.dtype, args.device))
+    loaded = load_model(
+        args.ckpt, args.device, inference_dtype(args.dtype, args.device), args.attention_backend
+    )
+    backend = loaded.config.attention_backend
+    check_attention_backend(
+        backend, torch.device(args.device).type == "cuda",
+        setting=(f"--attention-backend {backend}" if args.attention_backend else
+                 f"checkpoint '{args.ckpt}': model.attention_backend={backend}"),
+        device=f"--device is {args.device}", instead="--attention-backend auto or torch",
+    )  # fmt: skip
     if options.method == "ctc" and loaded.model.ctc_head is None:
         raise UserError(f"{args.ckpt}: --decoder ctc needs a CTC head; this model has none")
     if options.ctc_weight > 0 and loaded.model.ctc_head is None:

@@ -189,3 +189,69 @@ def test_readme_example_runs(setup, tmp_path):
 
 def type_of(value: str):
     return float(value) if "." in value else int(value)
+
+
+@pytest.fixture
+def triton_checkpoint(tmp_path):
+    """The ``setup`` checkpoint's model (seed 0) saved by a run with attention_backend triton."""
+    return write_untrained_checkpoint(tmp_path, seed=0, attention_backend="triton")
+
+
+def block_triton(monkeypatch) -> None:
+    """``import triton`` fails, as in tests/test_extras.py."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    for name in ("speedasr.kernels.flash_varlen", "speedasr.kernels.flash_varlen_kernels"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_a_triton_checkpoint_without_triton_is_refused_before_the_audio(
+    setup, triton_checkpoint, monkeypatch, capsys
+):
+    _, _, paths, model = setup
+    block_triton(monkeypatch)
+    capsys.readouterr()
+    assert main(["transcribe", "--ckpt", str(triton_checkpoint), "--quiet", *paths]) == 2
+    assert capsys.readouterr().err == (
+        f"speedasr transcribe: error: checkpoint '{triton_checkpoint}': "
+        "model.attention_backend=triton needs triton, which the core install leaves out (use "
+        "--attention-backend auto or torch without it): pip install 'speedasr[gpu]'\n"
+    )
+    says = r"^checkpoint .*: model.attention_backend=triton needs triton.*'auto' or 'torch'.*\[gpu"
+    with pytest.raises(UserError, match=says):
+        speedasr.load(triton_checkpoint)
+    # The backend chosen at run time: the same weights give the torch checkpoint's texts.
+    expected = model.transcribe(paths, decoder="ctc") + model.transcribe(paths)
+    torch_run = speedasr.load(triton_checkpoint, attention_backend="torch")
+    assert torch_run.transcribe(paths, decoder="ctc") + torch_run.transcribe(paths) == expected
+    assert (
+        cli_texts(capsys, triton_checkpoint, paths, "--attention-backend", "torch")
+        == (expected[len(paths) :])
+    )
+
+
+def test_a_triton_checkpoint_off_cuda_is_refused_before_the_cuts(
+    setup, triton_checkpoint, monkeypatch, capsys
+):
+    from speedasr.kernels import flash_varlen
+
+    # The tests run the kernels interpreted, which takes CPU tensors; a user's Triton does not.
+    monkeypatch.setattr(flash_varlen, "_INTERPRET", False)
+    capsys.readouterr()
+    code = main(["eval", "--ckpt", str(triton_checkpoint), "--cuts", "missing.jsonl.gz"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"speedasr eval: error: checkpoint '{triton_checkpoint}': model.attention_backend=triton "
+        "runs only on CUDA GPUs and --device is cpu: use --attention-backend auto or torch\n"
+    )
+    ckpt = setup[0]  # a torch checkpoint asked to run triton on the CPU
+    code = main(["transcribe", "--ckpt", str(ckpt), "--attention-backend", "triton", "x.wav"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "speedasr transcribe: error: --attention-backend triton runs only on CUDA GPUs and "
+        "--device is cpu: use --attention-backend auto or torch\n"
+    )
+    says = r"^attention_backend='triton' runs only on CUDA GPUs and device is cpu: use attention_"
+    with pytest.raises(UserError, match=says + r"backend='auto' or 'torch'$"):
+        speedasr.load(ckpt, attention_backend="triton")
+    with pytest.raises(UserError, match="attention_backend 'cuda' is not one of auto, torch"):
+        speedasr.load(ckpt, attention_backend="cuda")

@@ -209,6 +209,7 @@ def train(cfg, config_yaml: str | None = None) -> int:
     if not cfg.data.tokenizer and not cfg.init_from:
         raise UserError("config key data.tokenizer is not set")
     check_trainer_config(cfg.trainer)
+    check_attention_backend_runs(cfg.model.attention_backend, cfg.trainer.accelerator)
     out_dir = Path(cfg.out_dir)
     check_fresh_start(out_dir, cfg.resume, cfg.checkpoint.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,6 +381,29 @@ def check_trainer_config(trainer) -> None:
     if trainer.max_steps == -1 and trainer.max_epochs is None and trainer.max_time is None:
         raise UserError("set trainer.max_steps, trainer.max_epochs or trainer.max_time")
     check_trainer_settings(trainer)  # the rest, by Lightning
+
+
+def check_attention_backend_runs(backend: str, accelerator) -> None:
+    """``model.attention_backend`` triton or flash_attn without its package, or on a run that
+    does not train on CUDA, is a ``UserError`` now, before any data is read (the backend itself
+    would fail at the first training step)."""
+    import torch
+    from pytorch_lightning.accelerators import Accelerator, CUDAAccelerator
+
+    from speedasr.inference import check_attention_backend
+
+    if isinstance(accelerator, Accelerator):
+        device = "cuda" if isinstance(accelerator, CUDAAccelerator) else type(accelerator).__name__
+    elif str(accelerator) in ("auto", "gpu"):  # what Lightning picks for these
+        mps = torch.backends.mps.is_available()
+        device = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
+    else:
+        device = str(accelerator)
+    check_attention_backend(
+        backend, device == "cuda", setting=f"model.attention_backend={backend}",
+        device=f"this run trains on {device} (trainer.accelerator={accelerator})",
+        instead="model.attention_backend=auto or torch",
+    )  # fmt: skip
 
 
 def check_resume_checkpoint(path: str, model_cfg, tokenizer) -> None:
