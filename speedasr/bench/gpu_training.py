@@ -276,6 +276,7 @@ def render_training(results: dict) -> list[str]:
 
 
 def calibrate(ctx: StepContext) -> None:
+    from speedasr.data.tokenizer import PROMPT_TOKENS
     from speedasr.train.calibrate import (
         Calibrator,
         CpuMemoryLimit,
@@ -299,7 +300,10 @@ def calibrate(ctx: StepContext) -> None:
         limit=text,
         max_batch=sizes.calibrate_max_batch,
     )
-    calibrator = Calibrator(cfg, OptimConfig(), "packed", device, limit, sizes.precision)
+    # The benchmark trains with speedasr's own tokenizer (make_data), so its prompt length.
+    calibrator = Calibrator(
+        cfg, OptimConfig(), "packed", device, limit, sizes.precision, PROMPT_TOKENS
+    )
     fits = calibrator.fits
 
     def recorded_fits(duration: float, tokens: int, batch_size: int):

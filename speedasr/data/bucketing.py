@@ -35,12 +35,10 @@ import numpy as np
 from lhotse.cut import Cut
 from lhotse.dataset.sampling.base import SamplingConstraint
 
-from speedasr.data.tokenizer import Tokenizer
+from speedasr.data.tokenizer import PROMPT_TOKENS, Tokenizer
 from speedasr.errors import UserError
 
 BINS_FORMAT = "speedasr-bins-2d"
-PROMPT_TOKENS = 4
-"""Canary-style prompt length: ``<sot> <lang> <task> <pnc>`` (see ``Tokenizer.prompt``)."""
 CHARS_PER_TOKEN = 3.0
 """Token estimate without a tokenizer: one token per 3 characters (spaces included) of alphabetic
 text, one per character of CJK/kana/hangul. Small sentencepiece vocabularies (256-1024 pieces, the

@@ -30,6 +30,22 @@ PNC_YES = frozenset({"yes", "Yes", "true", "True", "1", "pnc", "<|pnc|>"})
 PNC_NO = frozenset({"no", "No", "false", "False", "0", "nopnc", "<|nopnc|>"})
 
 
+def prompt_pieces(prompt_format: str, language: str, pnc: bool = True) -> list[str]:
+    """The pieces of a ``canary`` or ``canary2`` transcription prompt, ``language`` -> the same
+    language (docs/canary.md §7.2; canary2 with an empty decoder context)."""
+    lang, pnc_token = f"<|{language}|>", "<|pnc|>" if pnc else "<|nopnc|>"
+    if prompt_format == "canary":
+        return [SOT, lang, "<|transcribe|>", lang, pnc_token]
+    return [
+        "<|startofcontext|>", SOT, "<|emo:undefined|>", lang, lang, pnc_token,
+        "<|noitn|>", "<|notimestamp|>", "<|nodiarize|>",
+    ]  # fmt: skip
+
+
+PROMPT_LENGTHS = {f: len(prompt_pieces(f, "en")) for f in PROMPT_FORMATS}
+"""Prompt tokens of each NeMo prompt format: canary 5, canary2 9."""
+
+
 def pnc_flag(value) -> bool:
     """NeMo's meaning of a manifest's ``pnc`` field: True for ``yes``/``true``/``1`` (and
     ``pnc``, ``<|pnc|>``), False for ``no``/``false``/``0`` (``nopnc``, ``<|nopnc|>``); a JSON
@@ -160,18 +176,14 @@ class AggregateTokenizer:
         self._check_language(language)
         if task != "transcribe":
             raise UserError(f"task '{task}': imported NeMo models transcribe only in speedasr")
-        lang = f"<|{language}|>"
-        pnc_token = "<|pnc|>" if pnc else "<|nopnc|>"
-        if self.prompt_format == "canary":
-            tokens = [SOT, lang, "<|transcribe|>", lang, pnc_token]
-        else:
-            tokens = [
-                "<|startofcontext|>", SOT, "<|emo:undefined|>", lang, lang, pnc_token,
-                "<|noitn|>", "<|notimestamp|>", "<|nodiarize|>",
-            ]  # fmt: skip
         try:
-            return [self.id(t) for t in tokens]
+            return [self.id(t) for t in prompt_pieces(self.prompt_format, language, pnc)]
         except KeyError as e:
             raise UserError(
                 f"the tokenizer cannot build a {self.prompt_format} prompt: {e}"
             ) from None
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens of every prompt of this checkpoint's format (``PROMPT_LENGTHS``)."""
+        return PROMPT_LENGTHS[self.prompt_format]

@@ -40,6 +40,17 @@ def task_token(task: str) -> str:
     return f"<|{task}|>"
 
 
+def prompt_pieces(language: str, task: str, pnc: bool) -> list[str]:
+    """speedasr's prompt: ``<|startoftranscript|> <|lang|> <|task|> <|pnc|>|<|nopnc|>``."""
+    return [SOT, language_token(language), task_token(task), PNC if pnc else NOPNC]
+
+
+PROMPT_TOKENS = len(prompt_pieces("en", "transcribe", False))
+"""Length of speedasr's own prompt: what token counts assume where no tokenizer is known (bins
+without a tokenizer, ``model info``). With a tokenizer, ask it (``prompt_length``): NeMo's canary2
+prompt is 9 tokens."""
+
+
 @dataclass(frozen=True)
 class Tokenizer:
     """Encode/decode text and build prompts. Load with ``Tokenizer.load(dir)``."""
@@ -201,9 +212,9 @@ class Tokenizer:
             )
         if task not in TASKS:
             raise UserError(f"task '{task}' is not one of {TASKS}")
-        return [
-            self.sot_id,
-            self.id(language_token(language)),
-            self.id(task_token(task)),
-            self.id(PNC if pnc else NOPNC),
-        ]
+        return [self.id(piece) for piece in prompt_pieces(language, task, pnc)]
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens of every prompt (``PROMPT_TOKENS``)."""
+        return PROMPT_TOKENS

@@ -8,7 +8,9 @@ Counts are closed-form (no model is built) and tested equal to the instantiated 
 only matmuls and convolutions (norms and activations are noise at these sizes). Training FLOPs are
 3x the forward (backward = 2x forward). Attention terms depend on utterance length, so FLOPs "per
 second of audio" assume utterances of ``duration`` seconds with ``tokens_per_second`` text tokens;
-the per-position terms do not depend on that assumption.
+the per-position terms do not depend on that assumption. Decoder tokens are the prompt's plus
+the text's: the prompt length is the tokenizer's (``prompt_tokens``; a preset's own, e.g. NeMo's
+9-token canary2 prompt for ``canary-1b-flash``; speedasr's 4 by default).
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, replace
 
+from speedasr.data.nemo_tokenizer import PROMPT_LENGTHS
 from speedasr.data.padding import encoder_length, num_input_frames
+from speedasr.data.tokenizer import PROMPT_TOKENS
 from speedasr.errors import UserError
 from speedasr.models.aed import ModelConfig
 from speedasr.options import add_config_overrides
-
-PROMPT_TOKENS = 4
-"""Canary-style prompt: <sot> <lang> <task> <pnc>."""
 
 
 def nemo_vocab_size(tokens: int) -> int:
@@ -92,6 +93,23 @@ PRESETS: dict[str, ModelConfig] = {
         **_CANARY,
     ),  # fmt: skip
 }
+PRESET_PROMPT_FORMATS: dict[str, str] = {
+    # The NeMo prompt format each published checkpoint's config names (its model card / config:
+    # canary-1b is the first Canary, the flash and v2 models use canary2).
+    "canary-1b": "canary",
+    "canary-1b-flash": "canary2",
+    "canary-180m-flash": "canary2",
+    "canary-1b-v2": "canary2",
+}
+
+
+def preset_prompt_tokens(name: str) -> int:
+    """Prompt tokens of the tokenizer a preset is trained with: its NeMo prompt format's, or
+    speedasr's own prompt for the others."""
+    fmt = PRESET_PROMPT_FORMATS.get(name)
+    return PROMPT_LENGTHS[fmt] if fmt else PROMPT_TOKENS
+
+
 PUBLISHED_PARAMS: dict[str, float] = {
     "canary-1b": 1.0e9,  # model card: "1 billion parameters" (a rounded figure)
     "canary-1b-flash": 883e6,  # model card: "883M parameters"
@@ -228,11 +246,15 @@ def count_flops(cfg: ModelConfig, frames: int, tokens: int) -> FlopCount:
 
 
 def training_flops_per_audio_second(
-    cfg: ModelConfig, duration: float = 10.0, tokens_per_second: float = 4.0
+    cfg: ModelConfig,
+    duration: float = 10.0,
+    tokens_per_second: float = 4.0,
+    prompt_tokens: int = PROMPT_TOKENS,
 ) -> float:
-    """Training FLOPs per second of audio, for utterances of ``duration`` seconds."""
+    """Training FLOPs per second of audio, for utterances of ``duration`` seconds with
+    ``tokens_per_second`` text tokens after a ``prompt_tokens`` prompt (the tokenizer's)."""
     frames = num_input_frames(duration)
-    tokens = PROMPT_TOKENS + round(tokens_per_second * duration)
+    tokens = prompt_tokens + round(tokens_per_second * duration)
     return count_flops(cfg, frames, tokens).training / duration
 
 
@@ -283,11 +305,13 @@ def _parse_count(text: str) -> float:
         raise UserError(f"cannot read parameter count '{text}' (e.g. 3.5M, 180M, 1B)") from None
 
 
-def describe(cfg: ModelConfig, duration: float, tokens_per_second: float) -> dict:
-    """Everything ``model info`` prints about one config."""
+def describe(
+    cfg: ModelConfig, duration: float, tokens_per_second: float, prompt_tokens: int = PROMPT_TOKENS
+) -> dict:
+    """Everything ``model info`` prints about one config (``prompt_tokens``: the tokenizer's)."""
     p = count_parameters(cfg)
     frames = num_input_frames(duration)
-    flops = count_flops(cfg, frames, PROMPT_TOKENS + round(tokens_per_second * duration))
+    flops = count_flops(cfg, frames, prompt_tokens + round(tokens_per_second * duration))
     return {
         "params_encoder": p.encoder,
         "params_decoder": p.decoder,
@@ -296,6 +320,7 @@ def describe(cfg: ModelConfig, duration: float, tokens_per_second: float) -> dic
         "encoder_share": p.encoder / max(p.total, 1),
         "train_gflops_per_audio_second": flops.training / duration / 1e9,
         "train_flops_breakdown": {k: v * 3 / duration for k, v in asdict(flops).items()},
+        "prompt_tokens": prompt_tokens,
         "config": asdict(cfg),
     }
 
@@ -332,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
     info = {
-        name: describe(cfg, args.duration, args.tokens_per_second) for name, cfg in configs.items()
+        name: describe(cfg, args.duration, args.tokens_per_second, preset_prompt_tokens(name))
+        for name, cfg in configs.items()
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -353,9 +379,13 @@ def run(args: argparse.Namespace) -> int:
             f"{_versus(row['params_total'], published):>18} "
             f"{row['train_gflops_per_audio_second']:>20.2f}"
         )
+    prompts = sorted({(preset_prompt_tokens(n), PRESET_PROMPT_FORMATS.get(n, "speedasr"))
+                      for n in configs})  # fmt: skip
     print(
         f"\nFLOPs: matmuls + convolutions, training = 3x forward, {args.duration:g} s utterances "
-        f"with {args.tokens_per_second:g} text tokens/s (+{PROMPT_TOKENS} prompt tokens)."
+        f"with {args.tokens_per_second:g} text tokens/s + the prompt of the model's tokenizer ("
+        + ", ".join(f"{fmt}: {n} tokens" for n, fmt in prompts)
+        + ")."
     )
     return 0
 

@@ -44,8 +44,6 @@ from speedasr.train.progress import release_free_heap
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
-PROMPT_TOKENS = 4
-"""Canary prompt length of the synthetic batches (``<sot> <lang> <task> <pnc>``)."""
 FRAMES_PER_SECOND = 100
 """Input feature frames per second (10 ms shift)."""
 
@@ -131,24 +129,27 @@ class CudaMemoryLimit(MemoryLimit):
 # --- trials --------------------------------------------------------------------------------------
 
 
-def synthetic_batch(duration: float, tokens: int, batch_size: int, cfg, layout: str):
-    """``batch_size`` utterances of ``duration`` seconds and ``tokens`` decoder tokens each."""
+def synthetic_batch(
+    duration: float, tokens: int, batch_size: int, cfg, layout: str, prompt_tokens: int
+):
+    """``batch_size`` utterances of ``duration`` seconds and ``tokens`` decoder tokens each, the
+    first ``prompt_tokens`` of them a prompt (the tokenizer's length: no loss on it)."""
     from speedasr.data.batch import IGNORE_INDEX, PackedBatch
     from speedasr.nn.segments import Segments
 
     frames = max(1, math.ceil(duration * FRAMES_PER_SECOND))
-    tokens = max(tokens, PROMPT_TOKENS + 1)
+    tokens = max(tokens, prompt_tokens + 1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch_size * tokens,), generator=g)
     targets = torch.roll(ids, -1).view(batch_size, tokens)
-    targets[:, : PROMPT_TOKENS - 1] = IGNORE_INDEX
+    targets[:, : prompt_tokens - 1] = IGNORE_INDEX
     batch = PackedBatch(
         features=torch.randn(batch_size * frames, cfg.n_mels, generator=g),
         feature_segments=Segments.from_lengths([frames] * batch_size),
         tokens=ids,
         targets=targets.reshape(-1),
         token_segments=Segments.from_lengths([tokens] * batch_size),
-        prompt_lengths=(PROMPT_TOKENS,) * batch_size,
+        prompt_lengths=(prompt_tokens,) * batch_size,
         cut_ids=[f"synthetic-{i}" for i in range(batch_size)],
         durations=(duration,) * batch_size,
         texts=[""] * batch_size,
@@ -157,14 +158,23 @@ def synthetic_batch(duration: float, tokens: int, batch_size: int, cfg, layout: 
 
 
 class Calibrator:
-    """Model + optimizer as in training; ``fits(d, L, B)`` runs one real step on a worst case."""
+    """Model + optimizer as in training; ``fits(d, L, B)`` runs one real step on a worst case.
+    ``prompt_tokens``: the prompt length of the run's tokenizer (``tokenizer.prompt_length``)."""
 
     def __init__(
-        self, model_cfg, optim_cfg, layout: str, device: torch.device, limit, precision: str
+        self,
+        model_cfg,
+        optim_cfg,
+        layout: str,
+        device: torch.device,
+        limit,
+        precision: str,
+        prompt_tokens: int,
     ) -> None:
         from speedasr.models.aed import AEDModel
 
         self.cfg, self.layout, self.device, self.limit = model_cfg, layout, device, limit
+        self.prompt_tokens = prompt_tokens
         # Mixed precision as in training (Lightning's "bf16-mixed"/"16-mixed" are autocast).
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
         self.autocast = dtype if precision.endswith("mixed") else None
@@ -178,7 +188,8 @@ class Calibrator:
             weight_decay=optim_cfg.weight_decay,
         )
         self.trials = 0
-        self._step(synthetic_batch(1.0, PROMPT_TOKENS + 1, 1, model_cfg, layout))  # Adam state
+        # Adam state
+        self._step(synthetic_batch(1.0, prompt_tokens + 1, 1, model_cfg, layout, prompt_tokens))
 
     def _step(self, batch) -> None:
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
@@ -191,7 +202,11 @@ class Calibrator:
         self.trials += 1
 
         def step() -> None:
-            self._step(synthetic_batch(duration, tokens, batch_size, self.cfg, self.layout))
+            self._step(
+                synthetic_batch(
+                    duration, tokens, batch_size, self.cfg, self.layout, self.prompt_tokens
+                )
+            )
 
         ok, peak = self.limit(step)
         log.info(
@@ -365,8 +380,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     start = time.time()
     calibrator = Calibrator(
-        model_cfg, cfg.optim, cfg.data.layout, device, limit, str(cfg.trainer.precision)
-    )
+        model_cfg, cfg.optim, cfg.data.layout, device, limit, str(cfg.trainer.precision),
+        tokenizer.prompt_length,
+    )  # fmt: skip
     results = calibrate_buckets(calibrator, bins.shapes(), args.max_batch, args.gap)
     seconds = time.time() - start
 
@@ -401,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
             json.dumps(
                 {"limit": limit_text, "device": str(device), "sampler": sampler,
                  "model": asdict(model_cfg), "parameters": params,
+                 "prompt_tokens": tokenizer.prompt_length,
                  "buckets": [asdict(r) for r in results]},
                 indent=1,
             )

@@ -41,6 +41,7 @@ def test_prompt_formats(state):
     canary = AggregateTokenizer.from_state({**state, "prompt_format": "canary"})
     # <|startoftranscript|> <|en|> <|transcribe|> <|en|> <|pnc|>
     assert canary.prompt("en") == [4, 21, 19, 21, 5]
+    assert (canary2.prompt_length, canary.prompt_length) == (9, 5)  # what sizing counts
     with pytest.raises(UserError, match="language 'de'"):
         canary.prompt("de")  # <|de|> exists, but no 'de' SentencePiece model
     with pytest.raises(UserError, match="transcribe only"):

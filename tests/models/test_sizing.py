@@ -1,5 +1,6 @@
 import json
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from speedasr.cli import main
 from speedasr.data.batch import PaddedBatch
+from speedasr.data.nemo_tokenizer import AggregateTokenizer
+from speedasr.data.padding import num_input_frames
 from speedasr.errors import UserError
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.models.sizing import (
@@ -17,6 +20,8 @@ from speedasr.models.sizing import (
     count_parameters,
     preset,
 )
+from speedasr.nemo.archive import read_nemo
+from speedasr.nemo.import_nemo import tokenizer_state
 from speedasr.nn.segments import Segments
 
 
@@ -177,3 +182,27 @@ def test_flops_scale_with_layers():
     a = count_flops(cfg, 1000, 44)
     b = count_flops(replace(cfg, decoder_layers=48), 1000, 44)
     assert b.encoder_dense == a.encoder_dense and b.decoder_attention == 2 * a.decoder_attention
+
+
+NEMO = Path(__file__).parents[1] / "fixtures" / "nemo" / "canary_tiny.nemo"
+
+
+def test_model_info_counts_each_presets_own_prompt(capsys):
+    """A preset's decoder FLOPs count the prompt of the tokenizer it is trained with: NeMo's
+    canary2 prompt (9 tokens: the fixture checkpoint's own prompt, built by its tokenizer) for
+    canary-1b-flash, canary's 5 for canary-1b, speedasr's 4 for tiny."""
+    state = tokenizer_state(read_nemo(NEMO))
+    canary2 = len(AggregateTokenizer.from_state(state).prompt("en"))
+    canary = len(AggregateTokenizer.from_state({**state, "prompt_format": "canary"}).prompt("en"))
+    assert (canary2, canary) == (9, 5)
+    duration, text_tokens = 10.0, 40  # model info's defaults: 10 s at 4 text tokens/s
+    assert main(["model", "info", "tiny", "canary-1b", "canary-1b-flash", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for name, prompt in (("tiny", 4), ("canary-1b", canary), ("canary-1b-flash", canary2)):
+        flops = count_flops(preset(name), num_input_frames(duration), prompt + text_tokens)
+        assert info[name]["train_gflops_per_audio_second"] == pytest.approx(
+            flops.training / duration / 1e9, rel=1e-12
+        ), name
+    assert [info[n]["prompt_tokens"] for n in ("tiny", "canary-1b", "canary-1b-flash")] == [
+        4, canary, canary2,
+    ]  # fmt: skip

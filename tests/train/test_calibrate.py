@@ -9,12 +9,15 @@ import pytest
 import torch
 import yaml
 
+from speedasr.checkpoint import tokenizer_from_state
 from speedasr.cli import main
+from speedasr.data.batch import IGNORE_INDEX
 from speedasr.data.bucketing import BucketBins
 from speedasr.data.tokenizer import Tokenizer
+from speedasr.models.aed import ModelConfig
 from speedasr.nemo.import_nemo import import_nemo
 from speedasr.testing import make_tiny_cuts, tiny_texts
-from speedasr.train.calibrate import calibrate_buckets, largest_batch
+from speedasr.train.calibrate import calibrate_buckets, largest_batch, synthetic_batch
 
 
 @pytest.mark.parametrize("limit", [1, 7, 37, 100, 1000])
@@ -184,6 +187,11 @@ def test_init_from_calibrates_the_checkpoints_model(tmp_path, imported_with_size
     assert report["model"] == json.loads(json.dumps({**saved, "dropout": 0.0}))
     assert report["model"]["vocab_size"] == 128  # 126 tokenizer pieces, padded to 8 by NeMo
     assert report["parameters"] == parameters
+    # the synthetic batches' prompt is the checkpoint tokenizer's (canary2: 9 tokens)
+    tokenizer = tokenizer_from_state(
+        torch.load(imported / "model.ckpt", weights_only=True)["tokenizer"]
+    )
+    assert report["prompt_tokens"] == len(tokenizer.prompt("en")) == 9
     assert yaml.safe_load((tmp_path / "o.yaml").read_text())["sampler"]["batch_sizes"] == [2, 2]
 
 
@@ -196,3 +204,18 @@ def test_init_from_errors_match_training(tmp_path, imported, capsys):
     err = capsys.readouterr().err
     assert "does not fit this model: shapes differ" in err and "ff_mult 4 -> 2" in err
     assert not (tmp_path / "o.yaml").exists()
+
+
+def test_synthetic_batches_mask_the_tokenizers_prompt():
+    """Calibration's worst-case batch: every utterance ``tokens`` long, the first
+    ``prompt_tokens`` of them a prompt that has no loss (canary2's 9 here, not speedasr's 4)."""
+    cfg = ModelConfig(vocab_size=50)
+    batch = synthetic_batch(0.5, 12, 3, cfg, "packed", prompt_tokens=9)
+    assert batch.prompt_lengths == (9, 9, 9)
+    assert batch.token_segments.lengths == (12, 12, 12)
+    for targets in batch.token_segments.split(batch.targets):
+        assert (targets[:8] == IGNORE_INDEX).all() and (targets[8:] != IGNORE_INDEX).all()
+    # a bucket edge shorter than prompt + 1 still gets one text token
+    assert synthetic_batch(0.5, 5, 1, cfg, "packed", prompt_tokens=9).token_segments.lengths == (
+        10,
+    )
