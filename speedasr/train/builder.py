@@ -39,10 +39,16 @@ def _has_tb() -> bool:
 
 
 def describe_outputs(
-    out_dir: Path, loggers: list[Logger], config: Path | None, trainer: pl.Trainer | None = None
+    out_dir: Path,
+    loggers: list[Logger],
+    config: Path | None,
+    trainer: pl.Trainer | None = None,
+    chosen=None,
 ) -> str:
     """Where a run writes its checkpoints, logs and config, one indented line each (``trainer``:
-    after training, to name the best checkpoint)."""
+    after training, to name the best checkpoint). ``chosen``: ``trainer.logger`` as configured;
+    only speedasr's default (None or True) would log to TensorBoard, so only then does a missing
+    ``tensorboard`` get a line."""
     checkpoints = str(out_dir / "checkpoints")
     if trainer is not None and trainer.checkpoint_callback is not None:
         best = trainer.checkpoint_callback.best_model_path
@@ -52,7 +58,7 @@ def describe_outputs(
         rows.append(_logger_row(lg))
     if not loggers:
         rows.append(("logs", "none (trainer.logger: false)"))
-    elif all(type(lg) is CSVLogger for lg in loggers) and not _has_tb():
+    elif (chosen is None or chosen is True) and not _has_tb():
         rows.append(("tensorboard", "not installed (pip install tensorboard to log there too)"))
     if config is not None:
         rows.append(("config", f"{config} (speedasr train --config reads it)"))

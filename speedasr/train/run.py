@@ -248,14 +248,16 @@ def train(cfg, config_yaml: str | None = None) -> int:
     except (MisconfigurationException, ValueError, TypeError) as e:  # e.g. two progress bars
         raise UserError(f"trainer settings: {' '.join(str(e).split())}") from None
     if rank_zero_only.rank == 0:  # (the trainer's rank is set only when fit starts)
-        print("this run writes:\n" + describe_outputs(out_dir, trainer.loggers, config_path))
+        writes = describe_outputs(out_dir, trainer.loggers, config_path, chosen=cfg.trainer.logger)
+        print(f"this run writes:\n{writes}")
     if config_yaml is not None and cfg.trainer.enable_autolog_hparams:
         log_run_config(trainer.loggers, config_yaml, skip=module.hparams)
     completed = False
     try:
         code = _fit_and_report(
-            trainer, module, datamodule, ckpt, callbacks, monitors, out_dir, config_path
-        )
+            trainer, module, datamodule, ckpt, callbacks, monitors, out_dir, config_path,
+            cfg.trainer.logger,
+        )  # fmt: skip
         completed = True
         return code
     finally:
@@ -263,7 +265,7 @@ def train(cfg, config_yaml: str | None = None) -> int:
 
 
 def _fit_and_report(
-    trainer, module, datamodule, ckpt, callbacks, monitors, out_dir, config_path
+    trainer, module, datamodule, ckpt, callbacks, monitors, out_dir, config_path, chosen_logger
 ) -> int:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -297,7 +299,7 @@ def _fit_and_report(
         for m in monitors:
             if hasattr(m, "summary"):
                 print(m.summary())
-        wrote = describe_outputs(out_dir, trainer.loggers, config_path, trainer)
+        wrote = describe_outputs(out_dir, trainer.loggers, config_path, trainer, chosen_logger)
         print(f"this run wrote:\n{wrote}")
     check_something_trained(trainer.global_step, faults, skipped_report)
     return 0

@@ -17,6 +17,7 @@ from speedasr.cli import main
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
 from speedasr.testing import make_tiny_cuts, tiny_texts
+from speedasr.train import builder
 from speedasr.train.builder import build_loggers, describe_outputs
 from speedasr.train.run import dump_config, load_config, parse_config
 
@@ -216,6 +217,36 @@ def test_run_saves_its_config_and_prints_where_outputs_go(tiny_run, capfd):
     assert saved == given
     assert saved.trainer.callbacks[0].init_args.dirpath == str(root / "extra")
     assert dump_config(parser, saved) == dump_config(parser, given)
+
+
+TENSORBOARD_HINT = "tensorboard  not installed (pip install tensorboard to log there too)"
+
+
+def test_tensorboard_hint_only_where_speedasr_chooses_the_loggers(tmp_path, monkeypatch):
+    monkeypatch.setattr(builder, "_has_tb", lambda: False)  # as where tensorboard is missing
+    default = build_loggers(tmp_path, None)
+    assert TENSORBOARD_HINT in describe_outputs(tmp_path, default, None, chosen=None)
+    assert TENSORBOARD_HINT in describe_outputs(tmp_path, default, None, chosen=True)
+    mine = [CSVLogger(str(tmp_path), name="mine")]  # the user's choice: TensorBoard is not in it
+    assert TENSORBOARD_HINT not in describe_outputs(tmp_path, mine, None, chosen=mine)
+    assert TENSORBOARD_HINT not in describe_outputs(tmp_path, [], None, chosen=False)
+
+
+def test_a_run_with_a_csv_logger_configured_has_no_tensorboard_hint(
+    tiny_run, tmp_path, monkeypatch, capfd
+):
+    root, argv = tiny_run
+    monkeypatch.setattr(builder, "_has_tb", lambda: False)
+    (tmp_path / "csv.yaml").write_text(
+        "trainer:\n  logger:\n  - class_path: CSVLogger\n"
+        f"    init_args: {{save_dir: {tmp_path}, name: mine}}\n"
+    )
+    code, out, err = run_cli(
+        capfd, *argv, "--config", str(tmp_path / "csv.yaml"), f"--out_dir={tmp_path / 'exp'}"
+    )
+    assert code == 0, err[-3000:]
+    assert out.count(f"metrics.csv  {tmp_path / 'mine/version_0/metrics.csv'}") == 2
+    assert "tensorboard" not in out
 
 
 def test_hparams_yaml_is_safe_yaml_that_config_reads(tiny_run, capfd):
