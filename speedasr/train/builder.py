@@ -147,9 +147,9 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
     if cfg.monitors.throughput:
         monitors.append(SpeechThroughputMonitor())
     stop = GracefulStop(out_dir / "checkpoints" / "last.ckpt")
-    callbacks = [
-        progress, *checkpoints, stop, LearningRateMonitor(logging_interval="step"), *monitors,
-    ]  # fmt: skip
+    # Lightning refuses a LearningRateMonitor in a run without loggers (trainer.logger: false).
+    lr = [LearningRateMonitor(logging_interval="step")] if cfg.trainer.logger is not False else []
+    callbacks = [progress, *checkpoints, stop, *lr, *monitors]
     user = cfg.trainer.callbacks or []
     user = [user] if isinstance(user, pl.Callback) else list(user)
     has_bar = any(isinstance(c, ProgressBar) for c in user)  # Lightning allows one

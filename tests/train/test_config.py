@@ -249,6 +249,15 @@ def test_a_run_with_a_csv_logger_configured_has_no_tensorboard_hint(
     assert "tensorboard" not in out
 
 
+def test_a_run_without_loggers_trains_and_says_so(tiny_run, tmp_path, capfd):
+    root, argv = tiny_run
+    code, out, err = run_cli(capfd, *argv, "--trainer.logger=false", f"--out_dir={tmp_path}")
+    assert code == 0, err[-3000:]
+    assert out.count("logs         none (trainer.logger: false)") == 2  # will write, wrote
+    assert (tmp_path / "checkpoints/last.ckpt").is_file()
+    assert not list(tmp_path.rglob("metrics.csv"))
+
+
 def test_hparams_yaml_is_safe_yaml_that_config_reads(tiny_run, capfd):
     root, argv = tiny_run
     if not (root / "exp/logs/version_0/hparams.yaml").exists():
