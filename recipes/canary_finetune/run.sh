@@ -26,7 +26,7 @@ EVAL=()
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1/5 import $NEMO -> $EXP/imported"
-speedasr import-nemo "$NEMO" --out "$EXP/imported"
+speedasr import-nemo "$NEMO" --out "$EXP/imported" --overwrite  # a rerun imports again
 
 step "2/5 corpus: $DATA"
 if [ ! -f "$DATA/train_cuts.jsonl.gz" ]; then

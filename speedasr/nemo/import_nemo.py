@@ -9,7 +9,9 @@ maps to, is an error that lists them. The fixed tables NeMo stores (the decoder'
 the tied head's second copy) are checked against what speedasr computes and then dropped.
 
 ``DIR`` receives ``model.ckpt`` (a speedasr checkpoint, loadable with ``weights_only=True``) and
-``nemo/``: the original ``model_config.yaml`` and tokenizer files, byte for byte.
+``nemo/``: the original ``model_config.yaml`` and tokenizer files, byte for byte. ``DIR`` must be
+new or empty (``--overwrite``: replace the ``model.ckpt`` and ``nemo/`` of an earlier import), so an
+import never mixes its files with another model's or overwrites a checkpoint unasked.
 """
 
 from __future__ import annotations
@@ -300,8 +302,22 @@ class Imported(NamedTuple):
     """Archive members not imported (NeMo's optional timestamps model)."""
 
 
-def import_nemo(path: str | Path, out_dir: str | Path) -> Imported:
-    """Write ``out_dir/model.ckpt`` and ``out_dir/nemo/*``."""
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """``UserError`` unless ``out`` is new or an empty directory (or ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a directory")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(
+            f"--out '{out}' is not empty: give a new or empty directory, or --overwrite to "
+            f"replace its {CHECKPOINT_NAME} and {NEMO_FILES_DIR}/"
+        )
+
+
+def import_nemo(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Imported:
+    """Write ``out_dir/model.ckpt`` and ``out_dir/nemo/*``. ``out_dir`` must be new or empty
+    unless ``overwrite`` (then the files of ``out_dir/nemo/`` are replaced by this model's)."""
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)  # before the archive is read: it may be gigabytes
     archive = read_nemo(path)
     emb = archive.state_dict.get("transf_decoder._embedding.token_embedding.weight")
     if emb is None:
@@ -310,10 +326,11 @@ def import_nemo(path: str | Path, out_dir: str | Path) -> Imported:
     config = model_config(archive, vocab_size=emb.shape[0], pad_id=pad_id)
     model = AEDModel(config)
     model.load_state_dict(map_state_dict(archive, config, model), strict=True)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' exists and is not a directory")
     files = out / NEMO_FILES_DIR
+    if files.is_dir():  # overwrite: an earlier model's tokenizer files must not stay beside ours
+        for old in files.iterdir():
+            if old.is_file() or old.is_symlink():
+                old.unlink()
     files.mkdir(parents=True, exist_ok=True)
     (files / "model_config.yaml").write_bytes(archive.config_bytes)
     for name, data in archive.files.items():
@@ -355,12 +372,17 @@ def load_imported(path: str | Path) -> tuple[AEDModel, dict]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("nemo", help="a NeMo Canary .nemo file (EncDecMultiTaskModel)")
     parser.add_argument(
-        "--out", required=True, help="directory for model.ckpt and nemo/ (config, tokenizers)"
-    )
+        "--out", required=True,
+        help="new or empty directory for model.ckpt and nemo/ (config, tokenizers)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", "--force", dest="overwrite", action="store_true",
+        help="write into a non-empty --out: replace its model.ckpt and nemo/",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt, model, skipped = import_nemo(args.nemo, args.out)
+    ckpt, model, skipped = import_nemo(args.nemo, args.out, overwrite=args.overwrite)
     params = sum(p.numel() for p in model.parameters())
     cfg = model.cfg
     if skipped:

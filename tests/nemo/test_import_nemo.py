@@ -148,6 +148,35 @@ def test_cli_imports_and_prints(tmp_path, capsys):
     assert "imported" in capsys.readouterr().out
 
 
+def test_out_must_be_new_or_empty_unless_overwrite(tmp_path, capsys):
+    """import-nemo never writes into a directory holding something else (another import, a
+    user's files) unless told to; then it replaces model.ckpt and nemo/ (no stale files)."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["import-nemo", str(NEMO), "--out", str(busy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out '{busy}' is not empty" in err
+    assert "--overwrite" in err
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["import-nemo", str(NEMO), "--out", str(out)]) == 0  # empty: fine
+    first = (out / "model.ckpt").read_bytes()
+    (out / "model.ckpt").write_bytes(b"changed")
+    assert main(["import-nemo", str(NEMO), "--out", str(out)]) == 2  # a second import: refused
+    assert "is not empty" in capsys.readouterr().err
+    assert (out / "model.ckpt").read_bytes() == b"changed"
+    (out / "nemo" / "stale_tokenizer.model").write_bytes(b"another model's")
+    for flag in ("--overwrite", "--force"):
+        assert main(["import-nemo", str(NEMO), "--out", str(out), flag]) == 0
+        assert (out / "model.ckpt").read_bytes() == first
+        assert not (out / "nemo" / "stale_tokenizer.model").exists()
+    with pytest.raises(UserError, match="not empty"):
+        import_nemo(NEMO, out)  # the Python function refuses too
+
+
 def _tar(path: Path, members: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
