@@ -8,6 +8,10 @@ kernel's max-abs error against ``attention_ref`` in fp32 must be at most twice t
 PyTorch attention computed in the kernel's dtype from the same inputs
 (``attention_ref(..., upcast=False)``), plus ``ABS_TOLERANCE`` so that near-zero baselines (fp32,
 or empty outputs) do not demand bit-exact results.
+
+Relative positions (``compare_rel_pos_with_reference``): the same rule for the output and all five
+gradients (q, k, v, query_pos, table), against an fp64 reference, with plain PyTorch in the
+kernel's dtype as the baseline.
 """
 
 from __future__ import annotations
@@ -85,6 +89,34 @@ def reference(cu_q, cu_k, causal, upcast=True) -> Attention:
     return lambda q, k, v: attention_ref(q, k, v, cu_q, cu_k, causal, upcast=upcast)
 
 
+REL_POS_OUTPUTS = (*OUTPUTS, "dquery_pos", "dtable")
+
+
+def rel_pos_inputs(len_q, len_k, head_dim, dtype, seed=0, heads=1, device="cpu", extra=3):
+    """``packed_inputs`` plus ``query_pos`` like q and a ``(2R - 1, H, D)`` table, ``R`` the
+    longest sequence + ``extra`` (tables are longer than needed when a batch's longest is shorter
+    than the table, e.g. a model's fixed table).
+
+    Returns ``(q, k, v, query_pos, table, cu_seqlens_q, cu_seqlens_k, grad_out)``.
+    """
+    q, k, v, cu_q, cu_k, grad = packed_inputs(len_q, len_k, head_dim, dtype, seed, heads, device)
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    r = max([*len_q, *len_k, 1]) + extra
+    query_pos, table = (
+        torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        for shape in (q.shape, (2 * r - 1, heads, head_dim))
+    )
+    return q, k, v, query_pos, table, cu_q, cu_k, grad
+
+
+def gradients(fn: Callable[..., torch.Tensor], inputs, grad):
+    """Output and the gradient of every input of ``fn`` (fresh leaves copied from ``inputs``)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), tuple(t.grad for t in leaves)
+
+
 @dataclass(frozen=True)
 class OutputError:
     """Max-abs errors of one output (``out``, ``dq``, ``dk`` or ``dv``) against fp32."""
@@ -96,10 +128,12 @@ class OutputError:
     """Error of plain PyTorch attention in the same dtype (the baseline)."""
     finite: bool
     """The kernel's values are all finite (no NaN/inf)."""
+    floor: float = ABS_TOLERANCE
+    """Absolute slack added to twice the baseline."""
 
     @property
     def tolerance(self) -> float:
-        return 2 * self.torch + ABS_TOLERANCE
+        return 2 * self.torch + self.floor
 
     @property
     def passed(self) -> bool:
@@ -122,4 +156,32 @@ def compare_with_reference(
     return [
         OutputError(name, max_abs_error(g, w), max_abs_error(b, w), bool(torch.isfinite(g).all()))
         for name, g, b, w in zip(OUTPUTS, *flat, strict=True)
+    ]
+
+
+def compare_rel_pos_with_reference(
+    len_q, len_k, head_dim, dtype, causal, seed=0, heads=1, device="cpu", floor=ABS_TOLERANCE
+) -> list[OutputError]:
+    """With relative positions: kernel and same-dtype PyTorch (``attention_ref(...,
+    upcast=False)``) errors against ``attention_ref`` in fp64, for ``REL_POS_OUTPUTS``."""
+    from .flash_varlen import flash_attn_varlen
+
+    *inputs, cu_q, cu_k, grad = rel_pos_inputs(len_q, len_k, head_dim, dtype, seed, heads, device)
+    max_q, max_k = max(len_q, default=0), max(len_k, default=0)
+
+    def kernel_fn(q, k, v, qp, table):
+        return flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, rel_pos=(qp, table))
+
+    def plain_fn(q, k, v, qp, table):
+        return attention_ref(q, k, v, cu_q, cu_k, causal, upcast=False, rel_pos=(qp, table))
+
+    got = gradients(kernel_fn, inputs, grad)
+    base = gradients(plain_fn, inputs, grad)
+    want = gradients(plain_fn, [t.double() for t in inputs], grad)
+    flat = [(out, *grads) for out, grads in (got, base, want)]
+    return [
+        OutputError(
+            name, max_abs_error(g, w), max_abs_error(b, w), bool(torch.isfinite(g).all()), floor
+        )  # fmt: skip
+        for name, g, b, w in zip(REL_POS_OUTPUTS, *flat, strict=True)
     ]

@@ -29,12 +29,12 @@ except ImportError as e:  # the core install has no triton: say which extra adds
     raise missing_extra("triton", "the kernel compile check") from e
 
 from . import flash_varlen_kernels as K
-from .flash_varlen import _block_d, _blocks, _dot_precision, _max_head_dim
+from .flash_varlen import _block_d, _block_w, _blocks, _dot_precision, _max_head_dim
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _INT32_POINTERS = {"CuQ", "CuK", "Sched"}
-_FP32_POINTERS = {"Lse", "Delta"}
-_DATA_POINTERS = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
+_FP32_POINTERS = {"Lse", "Delta", "dTab"}
+_DATA_POINTERS = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ", "QP", "Tab", "dQP"}
 _FLOATS = {"qk_scale_log2", "softmax_scale"}
 
 
@@ -69,27 +69,38 @@ def _resource_usage(cubin: bytes) -> tuple[str, str]:
     return (regs.group(1) if regs else "?"), (stack.group(1) if stack else "?")
 
 
-def configurations():
-    """(label, kernel, dtype, constexprs, num_warps, num_stages) exactly as the launcher picks."""
+def _tiles(block_m: int, block_n: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=_block_w(block_m, block_n))
+
+
+def configurations(rel_pos_only: bool = False):
+    """(label, kernel, dtype, constexprs, num_warps, num_stages) exactly as the launcher picks.
+
+    Each attention kernel comes plain and with the relative-position term (``+relpos``);
+    ``rel_pos_only`` lists only the latter (and no preprocess kernel).
+    """
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in (64, 128, 40, 256):
             if head_dim > _max_head_dim(dtype):
                 continue
             blocks = _blocks(head_dim, dtype)
             block_d = _block_d(head_dim)
-            for causal in (False, True):
+            for causal, rel_pos in ((False, False), (True, False), (False, True), (True, True)):
+                if rel_pos_only and not rel_pos:
+                    continue
                 common = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                              DOT_PRECISION=_dot_precision(dtype))  # fmt: skip
+                              DOT_PRECISION=_dot_precision(dtype), REL_POS=rel_pos)  # fmt: skip
                 kernels = [
-                    ("fwd", K.fwd_kernel, dict(BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n)),
-                    ("dkdv", K.bwd_dkdv_kernel,
-                     dict(BLOCK_M=blocks.bwd_q_step, BLOCK_N=blocks.bwd_kv)),
-                    ("dq", K.bwd_dq_kernel, dict(BLOCK_M=blocks.bwd_q, BLOCK_N=blocks.bwd_kv_step)),
-                ]  # fmt: skip
-                mask = "causal" if causal else "full"
+                    ("fwd", K.fwd_kernel, _tiles(blocks.fwd_m, blocks.fwd_n)),
+                    ("dkdv", K.bwd_dkdv_kernel, _tiles(blocks.bwd_q_step, blocks.bwd_kv)),
+                    ("dq", K.bwd_dq_kernel, _tiles(blocks.bwd_q, blocks.bwd_kv_step)),
+                ]
+                mask = ("causal" if causal else "full") + ("+relpos" if rel_pos else "")
                 for name, fn, tiles in kernels:
                     label = f"{_TRITON_TYPE[dtype]} D{head_dim} {mask} {name}"
                     yield label, fn, dtype, {**common, **tiles}, blocks.num_warps, blocks.num_stages
+            if rel_pos_only:
+                continue
             pre = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.bwd_q)
             label = f"{_TRITON_TYPE[dtype]} D{head_dim} preprocess"
             yield label, K.bwd_preprocess_kernel, dtype, pre, blocks.num_warps, blocks.num_stages
@@ -98,11 +109,18 @@ def configurations():
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="SM version, e.g. 80, 90")
+    parser.add_argument("--only", default="", help="compile only labels containing this text")
+    parser.add_argument("--rel-pos-only", action="store_true",
+                        help="only the kernels with the relative-position term")  # fmt: skip
     args = parser.parse_args(argv)
     failures = 0
     for arch in args.arch or [80]:
         target = GPUTarget("cuda", arch, 32)
-        for label, fn, dtype, constexprs, num_warps, num_stages in configurations():
+        for label, fn, dtype, constexprs, num_warps, num_stages in configurations(
+            args.rel_pos_only
+        ):
+            if args.only not in label:
+                continue
             src = ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs)
             options = dict(num_warps=num_warps, num_stages=num_stages)
             try:

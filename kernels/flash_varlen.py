@@ -16,6 +16,15 @@ ints. Causal masking is bottom-right aligned: query ``j`` of a sequence with ``L
 ``Lk`` keys sees keys ``<= j + Lk - Lq``; a query that sees no key outputs zeros and gets zero
 gradients. The saved log-sum-exp is ``(H, total_q)`` fp32, natural log, ``+inf`` for such queries.
 
+Relative positions (Transformer-XL, NeMo's ``rel_pos``; ``rel_pos=(query_pos, table)``): the score
+of query ``i`` and key ``j`` of one sequence (positions inside the sequence) gets
+``+ softmax_scale * query_pos[i] . table[R - 1 - (i - j)]``, with ``query_pos: (total_q, H, D)``
+and ``table: (2R - 1, H, D)`` in q's dtype, ``R`` at least the longest query or key sequence
+(``speedasr.nn.attention_torch.relative_score_mask`` is the same term in PyTorch). Forward and
+backward (gradients for q, k, v, query_pos and table) run in the same kernels, compiled with the
+``REL_POS`` switch; without it they are the plain kernels. The table's gradient is summed with
+fp32 atomics (the rest of the backward stays deterministic).
+
 Tensors must be on CUDA, except under ``TRITON_INTERPRET=1`` (set before triton is imported), where
 the interpreter runs the same kernels on CPU tensors; that is how the tests run without a GPU.
 """
@@ -82,9 +91,13 @@ class _Blocks:
     num_stages: int = 2  # double-buffer the next K/V (or Q/dO) block behind the current matmuls
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Whether these kernels handle q's dtype and head dim (``packed_attention``'s auto choice)."""
+def supports(q: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether these kernels handle q's dtype and head dim (``packed_attention``'s auto choice);
+    ``others`` (k, v, the relative-position tensors) must share q's dtype (e.g. under autocast
+    they may not, and then the torch path, which autocast covers, is the one that works)."""
     if q.dim() != 3 or q.dtype not in SUPPORTED_DTYPES:
+        return False
+    if any(t.dtype != q.dtype for t in others):
         return False
     return 1 <= q.shape[-1] <= _max_head_dim(q.dtype)
 
@@ -94,6 +107,12 @@ def _blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if dtype == torch.float32 or head_dim > 128:
         return _Blocks(32, 32, 32, 32, 32, 32, num_warps=warps)
     return _Blocks(64, 64, 64, 32, 64, 32, num_warps=warps)
+
+
+def _block_w(block_m: int, block_n: int) -> int:
+    # The relative-position window: a (block_m x block_n) tile reads block_m + block_n - 1
+    # consecutive table rows (one per query-key distance), rounded up for tl.arange.
+    return triton.next_power_of_2(block_m + block_n - 1)
 
 
 def _block_d(head_dim: int) -> int:
@@ -135,8 +154,11 @@ def _check_inputs(
     max_seqlen_q: int,
     max_seqlen_k: int,
     check_values: bool = True,
-) -> None:
-    """Raise ``ValueError`` naming the problem; ``check_values=False`` skips reading offsets."""
+) -> int | None:
+    """Raise ``ValueError`` naming the problem; ``check_values=False`` skips reading offsets.
+
+    Returns the longest query or key sequence when the offsets were read, else ``None``.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -190,9 +212,49 @@ def _check_inputs(
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)) or m < 0:
             raise ValueError(f"flash_attn_varlen: {name} must be a host int >= 0, got {m!r}")
-    if check_values:
-        _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-        _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    if not check_values:
+        return None
+    longest_q = _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    longest_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    if longest_q is None or longest_k is None:
+        return None
+    return max(longest_q, longest_k)
+
+
+def _check_rel_pos(
+    q: torch.Tensor, query_pos: torch.Tensor | None, table: torch.Tensor | None, longest: int | None
+) -> None:
+    """Raise ``ValueError`` for bad relative-position inputs (``longest`` None: skip the length)."""
+    if query_pos is None and table is None:
+        return
+    if query_pos is None or table is None:
+        raise ValueError("flash_attn_varlen: rel_pos needs both query_pos and table")
+    if query_pos.shape != q.shape:
+        raise ValueError(
+            f"flash_attn_varlen: rel_pos query_pos {tuple(query_pos.shape)} does not match q "
+            f"{tuple(q.shape)}"
+        )
+    rows = table.shape[0] if table.dim() == 3 else 0
+    if table.dim() != 3 or table.shape[1:] != q.shape[1:] or rows % 2 == 0:
+        raise ValueError(
+            f"flash_attn_varlen: rel_pos table must be (2R-1, H, D) with q's H, D; got "
+            f"{tuple(table.shape)}"
+        )
+    for name, t in (("query_pos", query_pos), ("table", table)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"flash_attn_varlen: rel_pos {name} is {t.dtype}, q is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"flash_attn_varlen: rel_pos {name} is on {t.device}, q on {q.device}")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(
+                f"flash_attn_varlen: rel_pos {name} needs unit stride on the head dim, got strides "
+                f"{t.stride()}; pass {name}.contiguous()"
+            )
+    if longest is not None and (rows + 1) // 2 < longest:
+        raise ValueError(
+            f"flash_attn_varlen: rel_pos table covers distances up to {(rows - 1) // 2}, but a "
+            f"sequence has {longest} positions (needs R >= {longest})"
+        )
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -209,12 +271,14 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _check_offsets(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+def _check_offsets(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> int | None:
+    """Check the offsets' values; return the longest sequence (``None`` while capturing)."""
     version = _version(cu)
     if _capturing(cu):
-        return
-    if version is not None and _checked_offsets.get(cu) == (version, total, max_seqlen):
-        return
+        return None
+    cached = _checked_offsets.get(cu) if version is not None else None
+    if cached is not None and cached[:3] == (version, total, max_seqlen):
+        return cached[3]
     offsets = cu.tolist()
     if offsets[0] != 0:
         raise ValueError(f"flash_attn_varlen: {name} must start at 0, got {offsets[0]}")
@@ -231,7 +295,8 @@ def _check_offsets(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> 
             f"flash_attn_varlen: a sequence in {name} has {longest} rows > max_seqlen {max_seqlen}"
         )
     if version is not None:
-        _checked_offsets[cu] = (version, total, max_seqlen)
+        _checked_offsets[cu] = (version, total, max_seqlen, longest)
+    return longest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +362,21 @@ def _num_programs(total: int, num_seqs: int, max_seqlen: int, block: int) -> int
     return min(triton.cdiv(total, block) + num_seqs, num_seqs * triton.cdiv(max_seqlen, block))
 
 
-def _launch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k)
+def _rel_args(q, query_pos, table):
+    """Kernel arguments of the relative-position term: pointers, strides, R, REL_POS.
+
+    Without rel_pos, q stands in for the pointers (never read: REL_POS=False compiles it out).
+    """
+    if table is None:
+        return (q, q), (0, 0, 0, 0), 0, False
+    strides = (query_pos.stride(0), query_pos.stride(1), table.stride(0), table.stride(1))
+    return (query_pos, table), strides, (table.shape[0] + 1) // 2, True
+
+
+def _launch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, query_pos=None, table=None):
+    longest = _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k)
+    _check_rel_pos(q, query_pos, table, longest)
+    rel_ptrs, rel_strides, rel_r, rel_pos = _rel_args(q, query_pos, table)
     total_q, heads, head_dim = q.shape
     out = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
@@ -309,20 +387,26 @@ def _launch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         return out, lse
     sched = _schedule(cu_q, cu_k, blocks.fwd_m, n_prog, heavy_last=causal)
     K.fwd_kernel[(n_prog, heads)](
-        q, k, v, out, lse, cu_q, cu_k, sched,
+        q, k, v, out, lse, cu_q, cu_k, sched, *rel_ptrs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        total_q, n_prog, scale * _LOG2E,
+        out.stride(0), out.stride(1), *rel_strides,
+        total_q, n_prog, scale * _LOG2E, rel_r,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, DOT_PRECISION=_dot_precision(q.dtype),
+        REL_POS=rel_pos, BLOCK_W=_block_w(blocks.fwd_m, blocks.fwd_n),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     return out, lse
 
 
-def _launch_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+def _launch_bwd(
+    d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, query_pos=None, table=None
+):
+    """``(dq, dk, dv, d_query_pos, d_table)``; the last two are empty without rel_pos."""
     # Offsets were checked by the forward; only the cheap metadata checks run again.
     _check_inputs(q, k, v, cu_q, cu_k, max_q, max_k, check_values=False)
+    _check_rel_pos(q, query_pos, table, None)
+    rel_ptrs, rel_strides, rel_r, rel_pos = _rel_args(q, query_pos, table)
     if d_out.shape != out.shape or d_out.stride(-1) != 1:
         raise ValueError(f"flash_attn_varlen: bad output gradient {tuple(d_out.shape)}")
     total_q, heads, head_dim = q.shape
@@ -330,15 +414,29 @@ def _launch_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
     dq = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((total_k, heads, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty((total_k, heads, head_dim), dtype=v.dtype, device=q.device)
+    if rel_pos:
+        d_query_pos = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # fp32 whatever the dtype: programs add their windows into it atomically, cast at the end
+        d_table_acc = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
+        d_rel_ptrs = (d_query_pos, d_table_acc)
+        d_rel_strides = (*d_query_pos.stride()[:2], *d_table_acc.stride()[:2])
+    else:
+        d_query_pos, d_table_acc = q.new_empty(0), q.new_empty(0)  # two: outputs may not alias
+        d_rel_ptrs, d_rel_strides = (q, q), (0, 0, 0, 0)
+
+    def result():
+        d_table = d_table_acc.to(table.dtype) if rel_pos else d_table_acc
+        return dq, dk, dv, d_query_pos, d_table
+
     if heads == 0:
-        return dq, dk, dv
+        return result()
     blocks = _blocks(head_dim, q.dtype)
     block_d = _block_d(head_dim)
     precision = _dot_precision(q.dtype)
     num_seqs = cu_q.numel() - 1
     common = dict(
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        REL_POS=rel_pos, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
 
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
@@ -353,25 +451,28 @@ def _launch_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scal
         # Causal key tiles are heaviest first-to-last (early keys are seen by more queries).
         sched = _schedule(cu_k, cu_q, blocks.bwd_kv, n_prog, heavy_last=False)
         K.bwd_dkdv_kernel[(n_prog, heads)](
-            q, k, v, d_out, lse, delta, dk, dv, cu_q, cu_k, sched,
+            q, k, v, d_out, lse, delta, dk, dv, cu_q, cu_k, sched, *rel_ptrs,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             d_out.stride(0), d_out.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            total_q, n_prog, scale * _LOG2E, scale,
-            BLOCK_M=blocks.bwd_q_step, BLOCK_N=blocks.bwd_kv, **common,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *rel_strides,
+            total_q, n_prog, scale * _LOG2E, scale, rel_r,
+            BLOCK_M=blocks.bwd_q_step, BLOCK_N=blocks.bwd_kv,
+            BLOCK_W=_block_w(blocks.bwd_q_step, blocks.bwd_kv), **common,
         )  # fmt: skip
 
     n_prog = _num_programs(total_q, num_seqs, max_q, blocks.bwd_q)
     if n_prog > 0:
         sched = _schedule(cu_q, cu_k, blocks.bwd_q, n_prog, heavy_last=causal)
         K.bwd_dq_kernel[(n_prog, heads)](
-            q, k, v, d_out, lse, delta, dq, cu_q, cu_k, sched,
+            q, k, v, d_out, lse, delta, dq, cu_q, cu_k, sched, *rel_ptrs, *d_rel_ptrs,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             d_out.stride(0), d_out.stride(1), dq.stride(0), dq.stride(1),
-            total_q, n_prog, scale * _LOG2E, scale,
-            BLOCK_M=blocks.bwd_q, BLOCK_N=blocks.bwd_kv_step, **common,
+            *rel_strides, *d_rel_strides,
+            total_q, n_prog, scale * _LOG2E, scale, rel_r,
+            BLOCK_M=blocks.bwd_q, BLOCK_N=blocks.bwd_kv_step,
+            BLOCK_W=_block_w(blocks.bwd_q, blocks.bwd_kv_step), **common,
         )  # fmt: skip
-    return dq, dk, dv
+    return result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,16 +491,23 @@ def flash_attn_varlen_fwd(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    query_pos: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward op: ``(out (total_q, H, D) in q.dtype, lse (H, total_q) fp32 natural log)``."""
     return _launch_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+        query_pos, table,
+    )  # fmt: skip
 
 
 @flash_attn_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+    query_pos=None, table=None,
+):  # fmt: skip
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, False)
+    _check_rel_pos(q, query_pos, table, None)
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     return out, lse
@@ -419,33 +527,50 @@ def flash_attn_varlen_bwd(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward op: ``(dq, dk, dv)``, deterministic (no atomics)."""
+    query_pos: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward op: ``(dq, dk, dv, d_query_pos, d_table)``; the last two are empty tensors
+    without rel_pos. Deterministic except ``d_table`` (fp32 atomics)."""
     return _launch_bwd(
         d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+        max_seqlen_q, max_seqlen_k, causal, softmax_scale, query_pos, table,
     )  # fmt: skip
 
 
 @flash_attn_varlen_bwd.register_fake
-def _(d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(
+    d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale,
+    query_pos=None, table=None,
+):  # fmt: skip
+    if table is None:
+        d_query_pos, d_table = q.new_empty(0), q.new_empty(0)
+    else:
+        d_query_pos, d_table = q.new_empty(q.shape), table.new_empty(table.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_query_pos, d_table
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *rel = inputs
+    query_pos, table = (*rel, None, None)[:2]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, query_pos, table)
     ctx.static_args = (max_q, max_k, causal, scale)
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)  # the log-sum-exp is a by-product saved for the backward
 
 
 def _backward(ctx, d_out, _d_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, query_pos, table = ctx.saved_tensors
     if d_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
         d_out = d_out.contiguous()
-    dq, dk, dv = flash_attn_varlen_bwd(d_out, q, k, v, out, lse, cu_q, cu_k, *ctx.static_args)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv, d_query_pos, d_table = flash_attn_varlen_bwd(
+        d_out, q, k, v, out, lse, cu_q, cu_k, *ctx.static_args, query_pos, table
+    )
+    grads = (dq, dk, dv, None, None, None, None, None, None)
+    if table is not None:
+        grads += (d_query_pos, d_table)
+    return (*grads, None, None)[: ctx.num_inputs]
 
 
 flash_attn_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -461,6 +586,7 @@ def flash_attn_varlen(
     max_seqlen_k: int,
     causal: bool = False,
     softmax_scale: float | None = None,
+    rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences with the Triton kernels; returns ``(total_q, H, D)``.
 
@@ -470,13 +596,20 @@ def flash_attn_varlen(
         max_seqlen_q, max_seqlen_k: longest query/key sequence (host ints; upper bounds are fine).
         causal: bottom-right aligned causal mask.
         softmax_scale: defaults to ``1/sqrt(D)``.
+        rel_pos: ``(query_pos (total_q, H, D), table (2R - 1, H, D))`` in q's dtype, ``R`` at
+            least the longest sequence: adds the relative-position term (module docstring).
+            Both get gradients.
 
     Raises:
         ValueError: on a bad shape, dtype, device, stride or offsets, before any kernel runs.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, False)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, _ = flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
-    )
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale)
+    if rel_pos is None:
+        out, _ = flash_attn_varlen_fwd(*args)
+        return out
+    query_pos, table = rel_pos
+    _check_rel_pos(q, query_pos, table, None)
+    out, _ = flash_attn_varlen_fwd(*args, query_pos, table)
     return out

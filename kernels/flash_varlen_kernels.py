@@ -11,6 +11,8 @@ a sequence) pay for the compare-and-select over the whole tile.
 
 Constexpr choices: HEAD_DIM/BLOCK_* size register tiles (``tl.arange`` needs compile-time powers of
 two); CAUSAL and MASKED remove mask arithmetic from the code paths that do not need it;
+REL_POS compiles the relative-position term in or out (without it the kernels are exactly the
+plain ones: no extra loads, matmuls or registers);
 DOT_PRECISION picks the matmul instruction (3xTF32 or IEEE keep fp32 inputs fp32-accurate where
 plain TF32 would not; see ``_dot_precision`` in flash_varlen.py).
 Sequence lengths and offsets are runtime values, so one compiled kernel serves every length mix
@@ -78,11 +80,57 @@ def _full_key_blocks_end(first_row, len_k, diag, CAUSAL: tl.constexpr, BLOCK_N: 
     return (end // BLOCK_N) * BLOCK_N
 
 
+# ---------------------------------------------------------------------------------------------
+# Relative positions (Transformer-XL, NeMo's rel_pos): score(i, j) += qp_i . T[R - 1 - (i - j)]
+#
+# For a (BLOCK_M query rows from row0) x (BLOCK_N keys from col0) tile, entry (a, b) reads table
+# row R - 1 - (row0 + a) + (col0 + b) = wbase + (BLOCK_M - 1 - a + b), wbase = R - BLOCK_M - row0
+# + col0: a window of BLOCK_M + BLOCK_N - 1 consecutive rows. One matmul of the query tile against
+# the window gives every (row, distance) product; a gather along the distance axis then picks each
+# entry's diagonal (the Transformer-XL "shift", here inside registers). The backward runs the same
+# map in reverse: dS is skewed into (row, distance) space, whose matmuls give dQP and dT.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rel_window(Tab, wbase, num_rows, stride_tt, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_W: tl.constexpr):  # fmt: skip
+    """Table rows ``wbase + [0, BLOCK_W)``; rows outside ``[0, num_rows)`` (which no real
+    query-key pair reads) load as 0."""
+    offs_w = tl.arange(0, BLOCK_W)
+    rows = wbase + offs_w
+    ptrs = _tile_ptrs(Tab, wbase, offs_w, stride_tt, BLOCK_D)
+    in_rows = ((rows >= 0) & (rows < num_rows))[:, None]
+    return tl.load(ptrs, mask=in_rows & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _rel_scores(qp, t_win, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """``(BLOCK_M, BLOCK_N)`` fp32: entry ``(a, b)`` is ``qp[a] . t_win[BLOCK_M - 1 - a + b]``."""
+    by_distance = tl.dot(qp, tl.trans(t_win), input_precision=DOT_PRECISION)  # (BM, BLOCK_W)
+    a = tl.arange(0, BLOCK_M)[:, None]
+    b = tl.arange(0, BLOCK_N)[None, :]
+    return tl.gather(by_distance, BLOCK_M - 1 - a + b, axis=1)
+
+
+@triton.jit
+def _rel_skew(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The inverse map of ``_rel_scores``: ``(BLOCK_M, BLOCK_W)`` with entry ``(a, w)`` =
+    ``ds[a, w - (BLOCK_M - 1 - a)]`` where that key is in the tile, else 0."""
+    a = tl.arange(0, BLOCK_M)[:, None]
+    b = tl.arange(0, BLOCK_W)[None, :] - (BLOCK_M - 1) + a
+    picked = tl.gather(ds, tl.minimum(tl.maximum(b, 0), BLOCK_N - 1), axis=1)
+    return tl.where((b >= 0) & (b < BLOCK_N), picked, 0.0)
+
+
 @triton.jit
 def _fwd_steps(
     acc, l_i, m_i, q, K, V, len_k, rows, diag, start, end, stride_kt, stride_vt, qk_scale_log2,
+    qp, Tab, rel_r, stride_tt, row0,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, REL_POS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax steps over key blocks ``[start, end)``."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -90,7 +138,12 @@ def _fwd_steps(
         cols = start_n + offs_n
         k = _load_rows(K, start_n, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D)
         v = _load_rows(V, start_n, offs_n, len_k, stride_vt, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if REL_POS:
+            t_win = _rel_window(Tab, rel_r - BLOCK_M - row0 + start_n, 2 * rel_r - 1, stride_tt,
+                                HEAD_DIM, BLOCK_D, BLOCK_W)  # fmt: skip
+            s += _rel_scores(qp, t_win, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        s = s * qk_scale_log2
         if MASKED:
             valid = (cols < len_k)[None, :]
             if CAUSAL:
@@ -110,13 +163,19 @@ def _fwd_steps(
 
 @triton.jit
 def fwd_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, Sched,
+    Q, K, V, Out, Lse, CuQ, CuK, Sched, QP, Tab,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_q, num_programs, qk_scale_log2,
+    stride_pt, stride_ph, stride_tt, stride_th,
+    total_q, num_programs, qk_scale_log2, rel_r,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REL_POS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """One program: one query tile of one sequence, one head. Online softmax over key tiles."""
+    """One program: one query tile of one sequence, one head. Online softmax over key tiles.
+
+    With ``REL_POS``, ``QP`` (like Q) and ``Tab`` (``(2 rel_r - 1, H, D)``) add the
+    relative-position term; ``BLOCK_W`` = next power of two >= BLOCK_M + BLOCK_N - 1 (the window).
+    """
     pid = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(Sched + pid)
@@ -132,6 +191,11 @@ def fwd_kernel(
     rows = row0 + offs_m
     q = _load_rows(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh, row0, offs_m, len_q,
                    stride_qt, HEAD_DIM, BLOCK_D)  # fmt: skip
+    qp = q  # unused without REL_POS (the constexpr branch below is compiled out)
+    if REL_POS:
+        qp = _load_rows(QP + q_start.to(tl.int64) * stride_pt + head * stride_ph, row0, offs_m,
+                        len_q, stride_pt, HEAD_DIM, BLOCK_D)  # fmt: skip
+    Tab = Tab + head * stride_th
 
     # Bottom-right causal alignment: query i sees keys n <= i + diag. Key blocks past the last
     # key the tile's bottom row can see are skipped (loop bound), not just masked.
@@ -146,11 +210,13 @@ def fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _fwd_steps(
         acc, l_i, m_i, q, K, V, len_k, rows, diag, 0, full_end, stride_kt, stride_vt,
-        qk_scale_log2, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        qk_scale_log2, qp, Tab, rel_r, stride_tt, row0,
+        False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, REL_POS, BLOCK_M, BLOCK_W,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_steps(
         acc, l_i, m_i, q, K, V, len_k, rows, diag, full_end, hi, stride_kt, stride_vt,
-        qk_scale_log2, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        qk_scale_log2, qp, Tab, rel_r, stride_tt, row0,
+        True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, REL_POS, BLOCK_M, BLOCK_W,
     )  # fmt: skip
 
     has_key = l_i > 0.0
@@ -183,9 +249,10 @@ def bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_steps(
     dk, dv, k, v, Q, dOut, Lse, Delta, len_q, cols, len_k, diag, start, end,
-    stride_qt, stride_dot, qk_scale_log2,
+    stride_qt, stride_dot, qk_scale_log2, QP, Tab, rel_r, stride_pt, stride_tt, key0,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, REL_POS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     """dK/dV contributions of query blocks ``[start, end)``, on transposed (key x query) scores."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -197,7 +264,13 @@ def _dkdv_steps(
         # Padding rows read lse = +inf, so their probabilities are exactly 0 even unmasked.
         lse = tl.load(Lse + rows, mask=in_range, other=float("inf")) * LOG2E
         delta = tl.load(Delta + rows, mask=in_range, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2 - lse[None, :]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if REL_POS:
+            qp = _load_rows(QP, start_m, offs_m, len_q, stride_pt, HEAD_DIM, BLOCK_D)
+            t_win = _rel_window(Tab, rel_r - BLOCK_M - start_m + key0, 2 * rel_r - 1, stride_tt,
+                                HEAD_DIM, BLOCK_D, BLOCK_W)  # fmt: skip
+            s_t += tl.trans(_rel_scores(qp, t_win, BLOCK_M, BLOCK_N, DOT_PRECISION))
+        s_t = s_t * qk_scale_log2 - lse[None, :]
         if MASKED:
             valid = (cols < len_k)[:, None] & in_range[None, :]
             if CAUSAL:
@@ -213,12 +286,14 @@ def _dkdv_steps(
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, dK, dV, CuQ, CuK, Sched,
+    Q, K, V, dOut, Lse, Delta, dK, dV, CuQ, CuK, Sched, QP, Tab,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_q, num_programs, qk_scale_log2, softmax_scale,
+    stride_pt, stride_ph, stride_tt, stride_th,
+    total_q, num_programs, qk_scale_log2, softmax_scale, rel_r,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REL_POS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     """One program: one key tile of one sequence, one head; loops over the queries that see it.
 
@@ -237,6 +312,8 @@ def bwd_dkdv_kernel(
     dOut = dOut + q_row0 * stride_dot + head * stride_doh
     Lse = Lse + head.to(tl.int64) * total_q + q_start
     Delta = Delta + head.to(tl.int64) * total_q + q_start
+    QP = QP + q_row0 * stride_pt + head * stride_ph
+    Tab = Tab + head * stride_th
 
     key0 = tile * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
@@ -266,12 +343,14 @@ def bwd_dkdv_kernel(
     dk, dv = _dkdv_steps(
         dk, dv, k, v, Q, dOut, Lse, Delta, len_q, cols, len_k, diag,
         lo, tl.minimum(unmasked_from, len_q), stride_qt, stride_dot, qk_scale_log2,
-        True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
+        QP, Tab, rel_r, stride_pt, stride_tt, key0,
+        True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, REL_POS, BLOCK_N, BLOCK_W,
     )  # fmt: skip
     dk, dv = _dkdv_steps(
         dk, dv, k, v, Q, dOut, Lse, Delta, len_q, cols, len_k, diag,
         unmasked_from, len_q, stride_qt, stride_dot, qk_scale_log2,
-        False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
+        QP, Tab, rel_r, stride_pt, stride_tt, key0,
+        False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, REL_POS, BLOCK_N, BLOCK_W,
     )  # fmt: skip
 
     _store_rows(dK + k_row0 * stride_dkt + head * stride_dkh, key0, offs_n, len_k, stride_dkt,
@@ -282,17 +361,24 @@ def bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_steps(
-    dq, q, do, lse, delta, K, V, len_k, rows, diag, start, end, stride_kt, stride_vt,
-    qk_scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    dq, dqp, q, do, lse, delta, K, V, len_k, rows, diag, start, end, stride_kt, stride_vt,
+    qk_scale_log2, qp, Tab, dTab, rel_r, stride_tt, stride_dtt, row0, softmax_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """dQ contributions of key blocks ``[start, end)``."""
+    """dQ (and with REL_POS dQP and dT) contributions of key blocks ``[start, end)``."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(K, start_n, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D)
         v = _load_rows(V, start_n, offs_n, len_k, stride_vt, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2 - lse[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if REL_POS:
+            wbase = rel_r - BLOCK_M - row0 + start_n
+            t_win = _rel_window(Tab, wbase, 2 * rel_r - 1, stride_tt, HEAD_DIM, BLOCK_D, BLOCK_W)
+            s += _rel_scores(qp, t_win, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        s = s * qk_scale_log2 - lse[:, None]
         if MASKED:
             valid = (cols < len_k)[None, :]
             if CAUSAL:
@@ -302,19 +388,36 @@ def _dq_steps(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
+        if REL_POS:
+            ds_skew = _rel_skew(ds, BLOCK_M, BLOCK_N, BLOCK_W).to(qp.dtype)  # (BM, BLOCK_W)
+            dqp += tl.dot(ds_skew, t_win, input_precision=DOT_PRECISION)
+            # Every query tile of every sequence adds into overlapping table rows: atomics (fp32
+            # buffer), the one non-deterministic sum of the backward.
+            d_win = tl.dot(tl.trans(ds_skew), qp, input_precision=DOT_PRECISION) * softmax_scale
+            offs_w = tl.arange(0, BLOCK_W)
+            t_rows = wbase + offs_w
+            in_rows = ((t_rows >= 0) & (t_rows < 2 * rel_r - 1))[:, None]
+            ptrs = _tile_ptrs(dTab, wbase, offs_w, stride_dtt, BLOCK_D)
+            mask = in_rows & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+            tl.atomic_add(ptrs, d_win, mask=mask, sem="relaxed")
+    return dq, dqp
 
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, dOut, Lse, Delta, dQ, CuQ, CuK, Sched,
+    Q, K, V, dOut, Lse, Delta, dQ, CuQ, CuK, Sched, QP, Tab, dQP, dTab,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
-    total_q, num_programs, qk_scale_log2, softmax_scale,
+    stride_pt, stride_ph, stride_tt, stride_th, stride_dpt, stride_dph, stride_dtt, stride_dth,
+    total_q, num_programs, qk_scale_log2, softmax_scale, rel_r,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REL_POS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """One program: one query tile of one sequence, one head; dQ = dS K over the keys it sees."""
+    """One program: one query tile of one sequence, one head; dQ = dS K over the keys it sees.
+
+    With ``REL_POS`` also dQP (stored like dQ) and dT (added atomically into the fp32 ``dTab``).
+    """
     pid = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(Sched + pid)
@@ -338,6 +441,12 @@ def bwd_dq_kernel(
     # Padding rows read lse = +inf: their probabilities are exactly 0 in the unmasked stage too.
     lse = tl.load(Lse + row_base + rows, mask=in_range, other=float("inf")) * LOG2E
     delta = tl.load(Delta + row_base + rows, mask=in_range, other=0.0)
+    qp = q  # unused without REL_POS (the constexpr branches are compiled out)
+    if REL_POS:
+        qp = _load_rows(QP + q_row0 * stride_pt + head * stride_ph, row0, offs_m, len_q,
+                        stride_pt, HEAD_DIM, BLOCK_D)  # fmt: skip
+    Tab = Tab + head * stride_th
+    dTab = dTab + head * stride_dth
 
     diag = len_k - len_q
     hi = len_k
@@ -346,13 +455,19 @@ def bwd_dq_kernel(
     full_end = _full_key_blocks_end(tile * BLOCK_M, len_k, diag, CAUSAL, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_steps(
-        dq, q, do, lse, delta, K, V, len_k, rows, diag, 0, full_end, stride_kt, stride_vt,
-        qk_scale_log2, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+    dqp = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq, dqp = _dq_steps(
+        dq, dqp, q, do, lse, delta, K, V, len_k, rows, diag, 0, full_end, stride_kt, stride_vt,
+        qk_scale_log2, qp, Tab, dTab, rel_r, stride_tt, stride_dtt, row0, softmax_scale,
+        False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, REL_POS, BLOCK_M, BLOCK_W,
     )  # fmt: skip
-    dq = _dq_steps(
-        dq, q, do, lse, delta, K, V, len_k, rows, diag, full_end, hi, stride_kt, stride_vt,
-        qk_scale_log2, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+    dq, dqp = _dq_steps(
+        dq, dqp, q, do, lse, delta, K, V, len_k, rows, diag, full_end, hi, stride_kt, stride_vt,
+        qk_scale_log2, qp, Tab, dTab, rel_r, stride_tt, stride_dtt, row0, softmax_scale,
+        True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, REL_POS, BLOCK_M, BLOCK_W,
     )  # fmt: skip
     _store_rows(dQ + q_row0 * stride_dqt + head * stride_dqh, row0, offs_m, len_q, stride_dqt,
                 dq * softmax_scale, HEAD_DIM, BLOCK_D)  # fmt: skip
+    if REL_POS:
+        _store_rows(dQP + q_row0 * stride_dpt + head * stride_dph, row0, offs_m, len_q,
+                    stride_dpt, dqp * softmax_scale, HEAD_DIM, BLOCK_D)  # fmt: skip

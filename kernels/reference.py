@@ -10,7 +10,10 @@ Semantics (the same as ``speedasr.nn.attention.packed_attention``):
   - causal masking is bottom-right aligned: query ``j`` of a sequence with ``Lq`` queries and ``Lk``
     keys sees keys ``n <= j + Lk - Lq``;
   - a query that sees no key (empty key segment, or causal with ``Lq > Lk``) outputs zeros, has
-    log-sum-exp ``+inf`` and gets zero gradients, never NaN.
+    log-sum-exp ``+inf`` and gets zero gradients, never NaN;
+  - relative positions (``rel_pos=(query_pos, table)``, Transformer-XL as in NeMo's ``rel_pos``):
+    the score of query ``i`` and key ``j`` (positions inside their sequence) gets
+    ``+ softmax_scale * query_pos[i] . table[R - 1 - (i - j)]``, ``table: (2R - 1, H, D)``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def attention_ref(
     softmax_scale: float | None = None,
     upcast: bool = True,
     return_lse: bool = False,
+    rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reference attention over packed sequences; differentiable with ordinary autograd.
 
@@ -43,12 +47,17 @@ def attention_ref(
             baseline kernels are compared with).
         return_lse: also return the natural-log log-sum-exp of the scaled scores, ``(H, total_q)``
             fp32, ``+inf`` for queries that see no key.
+        rel_pos: ``(query_pos (total_q, H, D), table (2R - 1, H, D))``: adds the relative-position
+            term (module docstring), gathered row by row from the table (no shift trick).
 
     Returns:
         ``(total_q, H, D)`` output (and the log-sum-exp when ``return_lse``).
     """
     dtype = torch.float32 if upcast else q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if rel_pos is not None:
+        query_pos, table = (t.to(dtype) for t in rel_pos)
+        r = (table.shape[0] + 1) // 2
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     offs_q = cu_seqlens_q.tolist()
     offs_k = cu_seqlens_k.tolist()
@@ -59,6 +68,12 @@ def attention_ref(
         vi = v[offs_k[i] : offs_k[i + 1]].transpose(0, 1)
         len_q, len_k = qi.shape[1], ki.shape[1]
         scores = torch.matmul(qi, ki.transpose(1, 2)) * scale  # (H, Lq, Lk)
+        if rel_pos is not None:
+            qpi = query_pos[offs_q[i] : offs_q[i + 1]]  # (Lq, H, D)
+            rows = torch.arange(len_q, device=q.device)[:, None]
+            cols = torch.arange(len_k, device=q.device)[None, :]
+            rel = table[r - 1 - (rows - cols)]  # (Lq, Lk, H, D): the row of each distance i - j
+            scores = scores + torch.einsum("ihd,ijhd->hij", qpi, rel) * scale
         mask = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device)
         if causal:
             rows = torch.arange(len_q, device=q.device)[:, None]

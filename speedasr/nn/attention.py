@@ -15,9 +15,11 @@ Backends (``backend=``):
   - ``"auto"``: triton on CUDA when importable, else torch.
 
 Relative positions (``rel_pos=RelativePositions(query, table)``, Transformer-XL as in NeMo's
-``rel_pos`` encoders) add ``query[i] · table[R - 1 - (i - j)]`` to every score (semantics in
-``speedasr.nn.attention_torch``). Only the pure-PyTorch backend computes that term today: ``"auto"``
-sends such calls to it on every device, and ``"triton"`` / ``"flash_attn"`` raise ``ValueError``.
+``rel_pos`` encoders) add ``query[i] · table[R - 1 - (i - j)]`` (times the softmax scale) to every
+score (semantics in ``speedasr.nn.attention_torch``). The pure-PyTorch and the Triton backends
+compute that term, forward and backward (``REL_POS_BACKENDS``); ``"auto"`` picks Triton on CUDA as
+without it (when q, k, v and both position tensors share a dtype the kernels support), else torch;
+``"flash_attn"`` raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 
 AttentionBackend = Literal["auto", "torch", "triton", "flash_attn"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "flash_attn")
-REL_POS_BACKENDS: tuple[str, ...] = ("auto", "torch")
-"""Backends that compute the relative-position term (no Triton/flash-attn kernel has it yet)."""
+REL_POS_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+"""Backends that compute the relative-position term (flash-attn's kernels have no such term)."""
 
 
 class RelativePositions(NamedTuple):
@@ -59,15 +61,13 @@ def packed_attention(
     rel_pos: RelativePositions | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences; returns ``(total_q, H, D)`` in q's dtype."""
-    if rel_pos is not None:
-        if backend not in REL_POS_BACKENDS:
-            raise ValueError(
-                f"attention backend {backend!r} cannot add relative positions (rel_pos): only "
-                "the pure-PyTorch path computes them; use backend 'auto' or 'torch'"
-            )
-        backend = "torch"
+    if rel_pos is not None and backend not in REL_POS_BACKENDS:
+        raise ValueError(
+            f"attention backend {backend!r} cannot add relative positions (rel_pos); use one of "
+            f"{REL_POS_BACKENDS}"
+        )
     if backend == "auto":
-        backend = _auto_backend(q)
+        backend = _auto_backend(q, k, v, *(rel_pos or ()))
     if backend == "torch":
         from speedasr.nn.attention_torch import torch_packed_attention
 
@@ -79,8 +79,9 @@ def packed_attention(
         from speedasr.kernels.flash_varlen import flash_attn_varlen
 
         return flash_attn_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
-        )
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+            tuple(rel_pos) if rel_pos is not None else None,
+        )  # fmt: skip
     if backend == "flash_attn":
         try:
             from flash_attn import flash_attn_varlen_func
@@ -95,12 +96,14 @@ def packed_attention(
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-def _auto_backend(q: torch.Tensor) -> str:
+def _auto_backend(q: torch.Tensor, *others: torch.Tensor) -> str:
+    """Triton for CUDA tensors it supports, else torch. ``others``: k, v and the position
+    tensors, which must share q's dtype (under autocast they may not; the torch path copes)."""
     # Decided per call from the tensor, never at import: CPU-only machines must import this freely.
     if q.is_cuda and _triton_available():
         from speedasr.kernels.flash_varlen import supports
 
-        if supports(q):  # e.g. fp64 or head dim > 256 fall back to torch instead of raising
+        if supports(q, *others):  # e.g. fp64 or head dim > 256 fall back to torch, not raise
             return "triton"
     return "torch"
 
