@@ -259,7 +259,7 @@ class ConformerEncoder(nn.Module):
     LayerNorm after the last block (the pre-LN Transformer arrangement), whose residual stream
     is never renormalized and which leaves its all-blank CTC plateau much sooner when trained
     from scratch on little data (docs/training.md).
-    positions: ``"rotary"`` or ``"rel_pos"`` (Transformer-XL, NeMo Canary; torch attention only).
+    positions: ``"rotary"`` or ``"rel_pos"`` (Transformer-XL, NeMo Canary).
     xscaling: multiply the subsampling output by ``√d_model`` (NeMo's ``xscaling``).
     conv_norm, conv_norm_frozen: the conv module's norm (``ConvModule``).
     """

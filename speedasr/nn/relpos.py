@@ -13,7 +13,7 @@ packed rows and padded rows see exactly what each utterance sees alone.
 The table holds the ``2R - 1`` distances ``R - 1, ..., -(R - 1)`` in descending order (NeMo's
 layout, so ``linear_pos`` weights need no permutation); ``R`` is the longest sequence of the batch.
 The attention itself is ``speedasr.nn.attention`` with ``rel_pos=RelativePositions(...)``: the
-pure-PyTorch path only (no Triton kernel adds this term yet).
+pure-PyTorch path, or the Triton kernels on CUDA (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class RelPositionSelfAttention(nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
         sinusoids = layout.relative_sinusoids(self.heads * self.head_dim).to(x.dtype)
         table = self.linear_pos(sinusoids).unflatten(-1, (self.heads, self.head_dim))
-        rel_pos = RelativePositions(q + self.pos_bias_v, table)
-        out = layout.attend(q + self.pos_bias_u, k, v, layout, causal=False, rel_pos=rel_pos)
+        # The biases follow q's dtype: under autocast q is bf16/fp16 while the parameters stay
+        # fp32, and fp32 + bf16 would promote the queries, leaving q, k, v in mixed dtypes that
+        # no attention kernel takes (the torch path's SDPA would cast them down anyway).
+        u, v_bias = self.pos_bias_u.to(q.dtype), self.pos_bias_v.to(q.dtype)
+        rel_pos = RelativePositions(q + v_bias, table)
+        out = layout.attend(q + u, k, v, layout, causal=False, rel_pos=rel_pos)
         return self.proj(out.flatten(-2))

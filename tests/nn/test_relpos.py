@@ -115,18 +115,21 @@ def test_several_groups_read_their_own_table_rows(monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_entry_point_sends_rel_pos_to_torch_and_refuses_kernels(monkeypatch):
+def test_entry_point_passes_rel_pos_on_and_refuses_flash_attn(monkeypatch):
     lengths = [4, 6]
     q, k, v, qp, table = make(lengths)
     rel = RelativePositions(qp, table)
     args = (q, k, v, cu(lengths), cu(lengths), 6, 6)
-    # "auto" must not pick a kernel that lacks the term, even where one would be chosen (CUDA)
-    monkeypatch.setattr(attention_module, "_auto_backend", lambda q: "triton")
+    # "auto" decides from all five tensors; the Triton kernel's own rel_pos path is tested in
+    # tests/kernels/test_flash_varlen_relpos.py
+    seen = []
+    monkeypatch.setattr(attention_module, "_auto_backend", lambda *t: seen.append(t) or "torch")
     got = packed_attention(*args, backend="auto", rel_pos=rel)
     assert torch.equal(got, torch_packed_attention(*args, rel_pos=(qp, table)))
-    for backend in ("triton", "flash_attn"):
-        with pytest.raises(ValueError, match="relative positions"):
-            packed_attention(*args, backend=backend, rel_pos=rel)
+    assert len(seen) == 1 and seen[0][3] is qp and seen[0][4] is table
+    assert "triton" in attention_module.REL_POS_BACKENDS
+    with pytest.raises(ValueError, match="relative positions"):
+        packed_attention(*args, backend="flash_attn", rel_pos=rel)
 
 
 def test_table_too_short_is_an_error():
