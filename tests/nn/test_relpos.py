@@ -220,3 +220,22 @@ def test_fuzz_random_lengths_packed_and_padded(seed):
         want = torch.autograd.grad(ref.square().sum(), (q, k, v, qp, table), retain_graph=True)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_gives_the_attention_one_dtype(monkeypatch):
+    # Under autocast the projections run in bf16 while pos_bias_u/v stay fp32 parameters; adding
+    # them must not promote the queries back to fp32, or q, k, v and the position tensors reach
+    # the attention in mixed dtypes (which the Triton kernels refuse, so "auto" falls back).
+    seen = []
+    real = PackedLayout.attend
+
+    def spy(self, q, k, v, keys, causal, rel_pos=None):
+        seen.append({t.dtype for t in (q, k, v, *rel_pos)})
+        return real(self, q, k, v, keys, causal, rel_pos)
+
+    monkeypatch.setattr(PackedLayout, "attend", spy)
+    layer = RelPositionSelfAttention(16, 2)
+    seg = Segments.from_lengths([3, 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(seg.total, 16), PackedLayout(seg, "torch"))
+    assert seen == [{torch.bfloat16}]
