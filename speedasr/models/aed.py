@@ -20,6 +20,7 @@ from torch import nn
 
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 from speedasr.nn.conformer import ConformerEncoder
+from speedasr.nn.ctc_alignment import ctc_token_frames
 from speedasr.nn.decoder import TransformerDecoder
 from speedasr.nn.filterbank import NemoFilterbank
 from speedasr.nn.guided_attention import AlignmentPrior
@@ -113,8 +114,14 @@ class ModelConfig:
     """Weight of the diagonal guided-attention loss on the decoder's cross-attention
     (``speedasr.nn.guided_attention``): teaches a decoder trained from scratch to align tokens
     with frames early (docs/training.md). Training only; 0 turns it off (and costs nothing)."""
+    guided_attention: Literal["diagonal", "ctc"] = "diagonal"
+    """Where the guided-attention loss wants each token's attention: on the diagonal of the
+    token x frame grid, or on the token's own frames in the CTC head's forced alignment of the
+    transcript (needs ``ctc_weight > 0``; the diagonal where no alignment exists)."""
     guided_attention_sigma: float = 0.2
     """Width of the guided-attention diagonal band, as a fraction of the utterance."""
+    guided_attention_frames: float = 1.5
+    """Width of the band around a token's CTC-aligned frames, in encoder frames."""
     label_smoothing: float = 0.1
     """Label smoothing of the decoder cross-entropy."""
 
@@ -159,6 +166,15 @@ class ModelConfig:
             (0.0 <= self.ctc_weight <= 1.0, "ctc_weight must be in [0, 1]"),
             (self.guided_attention_weight >= 0, "guided_attention_weight must be >= 0"),
             (self.guided_attention_sigma > 0, "guided_attention_sigma must be > 0"),
+            (self.guided_attention_frames > 0, "guided_attention_frames must be > 0"),
+            (
+                self.guided_attention in ("diagonal", "ctc"),
+                "guided_attention must be 'diagonal' or 'ctc'",
+            ),
+            (
+                self.guided_attention != "ctc" or self.ctc_weight > 0,
+                "guided_attention='ctc' aligns with the CTC head: it needs ctc_weight > 0",
+            ),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (
@@ -311,12 +327,23 @@ class AEDModel(nn.Module):
         tok_layout, enc_layout = self._layouts(tokens, token_segments, enc, enc_segments)
         return self.decoder.hidden(tokens, tok_layout, enc, enc_layout, prior)
 
-    def _alignment_prior(self, batch, enc_segments: Segments) -> AlignmentPrior | None:
-        if self.cfg.guided_attention_weight == 0:
+    def _alignment_prior(
+        self, batch, enc_segments: Segments, ctc_log_probs, text, text_lengths
+    ) -> AlignmentPrior | None:
+        cfg = self.cfg
+        if cfg.guided_attention_weight == 0:
             return None
+        centres = aligned = None
+        if cfg.guided_attention == "ctc" and ctc_log_probs is not None:
+            text_segments = Segments.from_lengths(text_lengths, device=text.device)
+            centres, aligned = ctc_token_frames(
+                ctc_log_probs, torch.tensor(enc_segments.lengths, device=text.device),
+                text_segments.pad(text, value=cfg.pad_id),
+                torch.tensor(text_lengths, device=text.device), blank=cfg.pad_id,
+            )  # fmt: skip
         return AlignmentPrior(
             batch.token_segments, enc_segments, batch.prompt_lengths,
-            self.cfg.guided_attention_sigma,
+            cfg.guided_attention_sigma, centres, aligned, cfg.guided_attention_frames,
         )  # fmt: skip
 
     # --- training ---------------------------------------------------------------------------------
@@ -325,25 +352,28 @@ class AEDModel(nn.Module):
         ts = batch.token_segments
         if isinstance(batch, PackedBatch):
             enc, enc_segments = self.encode(batch.features, batch.feature_segments)
-            prior = self._alignment_prior(batch, enc_segments)
-            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments, prior)
-            # Only target positions are projected to the vocabulary (prompt rows carry no loss).
-            keep = batch.targets != IGNORE_INDEX
-            logits, targets = self.decoder.logits(hidden[keep]), batch.targets[keep]
             ctc_log_probs = enc_segments.pad(self.ctc_log_probs(enc)) if has_ctc else None
             tokens = batch.tokens
         elif isinstance(batch, PaddedBatch):
             enc, enc_segments = self.encode_padded(batch.features, batch.feature_segments)
-            prior = self._alignment_prior(batch, enc_segments)
-            hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments, prior)
-            logits = self.decoder.logits(hidden).flatten(0, 1)  # padding included: the padded cost
-            targets = batch.targets.flatten()
             ctc_log_probs = self.ctc_log_probs(enc) if has_ctc else None
             tokens = ts.unpad(batch.tokens)
         else:
             raise TypeError(f"expected PackedBatch or PaddedBatch, got {type(batch).__name__}")
         # CTC targets: the text tokens of each utterance (its decoder input after the prompt)
         text = tokens[ts.positions >= _per_row(batch.prompt_lengths, ts)]
+        text_lengths = [
+            n - p for n, p in zip(batch.token_segments.lengths, batch.prompt_lengths, strict=True)
+        ]
+        prior = self._alignment_prior(batch, enc_segments, ctc_log_probs, text, text_lengths)
+        hidden = self._decoder_hidden(batch.tokens, ts, enc, enc_segments, prior)
+        if isinstance(batch, PackedBatch):
+            # Only target positions are projected to the vocabulary (prompt rows carry no loss).
+            keep = batch.targets != IGNORE_INDEX
+            logits, targets = self.decoder.logits(hidden[keep]), batch.targets[keep]
+        else:
+            logits = self.decoder.logits(hidden).flatten(0, 1)  # padding included: the padded cost
+            targets = batch.targets.flatten()
 
         num_targets = int((targets != IGNORE_INDEX).sum())
         ce = F.cross_entropy(
@@ -353,10 +383,6 @@ class AEDModel(nn.Module):
         ctc = None
         loss = ce
         if ctc_log_probs is not None:
-            text_lengths = [
-                n - p
-                for n, p in zip(batch.token_segments.lengths, batch.prompt_lengths, strict=True)
-            ]
             if ctc_log_probs.shape[1] == 0:  # no encoder frame in the batch: nothing to align
                 ctc = ctc_log_probs.sum() * 0.0
             else:

@@ -16,6 +16,11 @@ so a row whose attention lies on the diagonal costs ~0 and one spread uniformly 
 sigma 0.2). Nothing changes at inference: the loss only shapes the weights during training.
 Prompt rows (those before the first target) carry no loss, exactly as in the cross-entropy.
 
+The diagonal is only roughly where a token is: words differ in length and speech pauses. Given
+where each token actually is (``centres``: the CTC head's own forced alignment of the transcript,
+``speedasr.nn.ctc_alignment``, with ``model.guided_attention: ctc``), row i is centred on text
+token i's frames with a band of a frame or two, and the end-of-text row on the last frame.
+
 Cost: the attention weights are recomputed from the same queries and keys on a padded
 ``(B, H, L, T')`` grid, beside the packed attention itself (whose kernels never materialise
 them): ~B * H * L * T' floats per decoder layer, small next to the model for the batch sizes it
@@ -40,6 +45,12 @@ class AlignmentPrior:
         prompt_lengths: prompt tokens per utterance; the query at position ``p - 1 + i``
             predicts target ``i`` (the last target is end-of-text).
         sigma: width of the diagonal band, as a fraction of the utterance (0.2: Tachibana's).
+        centres: ``(B, N)`` where each text token is, in encoder frames (e.g. a CTC forced
+            alignment, ``speedasr.nn.ctc_alignment``); None: the diagonal.
+        aligned: ``(B,)`` bool, which utterances ``centres`` holds (the others keep the
+            diagonal); None: all.
+        centre_sigma: the band around ``centres``, in frames; the end-of-text row is then
+            centred on the last frame.
     """
 
     def __init__(
@@ -48,9 +59,12 @@ class AlignmentPrior:
         memory_segments: Segments,
         prompt_lengths: tuple[int, ...],
         sigma: float,
+        centres: torch.Tensor | None = None,
+        aligned: torch.Tensor | None = None,
+        centre_sigma: float = 1.0,
     ) -> None:
-        if sigma <= 0:
-            raise ValueError(f"guided attention sigma must be > 0, got {sigma}")
+        if sigma <= 0 or centre_sigma <= 0:
+            raise ValueError(f"guided attention sigma must be > 0, got {sigma} / {centre_sigma}")
         self.tokens, self.memory = token_segments, memory_segments
         device = token_segments.positions.device
         lengths = torch.tensor(token_segments.lengths, device=device, dtype=torch.float32)
@@ -62,10 +76,25 @@ class AlignmentPrior:
         # (B, L): which query rows predict a target, and where along the utterance they are
         target_row = (rows[None] >= first[:, None]) & (rows[None] < lengths[:, None])
         target_row &= (frames > 0)[:, None]  # an utterance with no frame has nothing to align
-        row_frac = (rows[None] - first[:, None] + 0.5) / targets.clamp(min=1)[:, None]
-        col_frac = (cols[None] + 0.5) / frames.clamp(min=1)[:, None]  # (B, T')
-        distance = row_frac[:, :, None] - col_frac[:, None, :]  # (B, L, T')
-        weight = 1 - torch.exp(-(distance**2) / (2 * sigma**2))
+        index = rows[None] - first[:, None]  # target index i of each row
+        # the diagonal, in frames: (i + 1/2) / M = (c + 1/2) / T, with a band of sigma * T frames
+        centre = (index + 0.5) * frames[:, None] / targets.clamp(min=1)[:, None] - 0.5
+        width = (sigma * frames)[:, None].expand_as(centre)
+        if centres is not None:  # (B, N) token centres: row i < N is text token i
+            n = centres.shape[1]
+            ok = target_row if aligned is None else target_row & aligned[:, None]
+            text_row = ok & (index < n) & (index < targets[:, None] - 1)
+            if n == 0:  # no text in the batch: only end-of-text rows
+                found = torch.zeros_like(centre)
+            else:
+                found = centres.gather(1, index.long().clamp(0, n - 1))
+            centre = torch.where(text_row, found, centre)
+            width = torch.where(text_row, torch.full_like(width, centre_sigma), width)
+            end_row = ok & (index == targets[:, None] - 1)  # end-of-text: the last frame
+            centre = torch.where(end_row, frames[:, None] - 1, centre)
+            width = torch.where(end_row, torch.full_like(width, centre_sigma), width)
+        distance = cols[None, None, :] - centre[:, :, None]  # (B, L, T')
+        weight = 1 - torch.exp(-(distance**2) / (2 * width[:, :, None] ** 2))
         key_real = cols[None] < frames[:, None]
         self.weight = (weight * target_row[:, :, None] * key_real[:, None, :])[:, None]
         self.key_real = key_real[:, None, None, :]  # (B, 1, 1, T')

@@ -158,10 +158,11 @@ def test_perturbing_one_utterance_leaves_others_bit_identical():
     assert not torch.equal(logits[tok_rows], logits2[tok_rows])
 
 
-def test_guided_attention_loss_packed_equals_padded_and_each_utterance_alone():
+@pytest.mark.parametrize("guide", ["diagonal", "ctc"])
+def test_guided_attention_loss_packed_equals_padded_and_each_utterance_alone(guide):
     # The guided-attention loss (speedasr.nn.guided_attention) is a mean over target rows of every
     # utterance that has frames: the batch value is the row-weighted mean of the utterances' own.
-    m = model(guided_attention_weight=0.5)
+    m = model(guided_attention_weight=0.5, guided_attention=guide)
     packed, g_packed = loss_and_grads(m, make_batch(FRAMES, TEXTS, PROMPTS))
     padded, g_padded = loss_and_grads(m, make_batch(FRAMES, TEXTS, PROMPTS).to_padded(pad_id=0))
     close(packed.loss, padded.loss)
@@ -226,6 +227,8 @@ def test_config_round_trip_and_validation():
         config(guided_attention_sigma=0.0)
     with pytest.raises(ValueError, match="guided_attention_weight"):
         config(guided_attention_weight=-1.0)
+    with pytest.raises(ValueError, match="needs ctc_weight > 0"):
+        config(guided_attention="ctc", ctc_weight=0.0)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])

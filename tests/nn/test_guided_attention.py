@@ -95,3 +95,29 @@ def test_sigma_must_be_positive():
     tokens, memory = segments()
     with pytest.raises(ValueError, match="sigma"):
         AlignmentPrior(tokens, memory, PROMPTS, 0.0)
+
+
+def band_cost(t: int, centre: float, width: float) -> float:
+    return 1 - math.exp(-((t - centre) ** 2) / (2 * width * width))
+
+
+def test_given_centres_replace_the_diagonal_where_aligned():
+    tokens, memory = segments()
+    centres = torch.tensor([[1.0, 3.5, 5.0, 0, 0], [0.0, 2.0, 4.0, 6.0, 9.5], [0, 0, 0, 0, 0]])
+    q = torch.zeros(tokens.total, 1, 4)
+    k = torch.randn(memory.total, 1, 4)
+    for aligned in ([True, True, True], [False, True, True]):
+        prior = AlignmentPrior(
+            tokens, memory, PROMPTS, SIGMA, centres, torch.tensor(aligned), centre_sigma=1.5
+        )
+        prior.add(q, k)
+        want = 0.0
+        for u, (n, frames) in enumerate(zip(TEXTS[:2], FRAMES[:2], strict=True)):
+            for i in range(n + 1):  # uniform attention: the mean of the row's costs
+                if not aligned[u]:
+                    cost = [diagonal_cost(i, n + 1, t, frames, SIGMA) for t in range(frames)]
+                else:
+                    c = float(centres[u, i]) if i < n else frames - 1  # end-of-text: last frame
+                    cost = [band_cost(t, c, 1.5) for t in range(frames)]
+                want += sum(cost) / frames
+        assert float(prior.loss()) == pytest.approx(want / 10, rel=1e-6)
