@@ -59,9 +59,11 @@ def estimate_text_tokens(text: str) -> int:
 
 
 class TokenCounter:
-    """Decoder tokens of a cut, ``L = len(prompt(lang)) + len(encode(text))``: the collator's count.
+    """Decoder tokens ``L`` of a cut, ``len(prompt(lang)) + len(encode(text, lang))``, as collated.
 
-    Uses the first supervision (as the collator does). Without a tokenizer, ``L`` is
+    Uses the first supervision's text and language (as the collator does; no language is
+    ``"en"``): text is encoded in that language, which a NeMo aggregate tokenizer needs to pick the
+    language's SentencePiece model. Without a tokenizer, ``L`` is
     ``PROMPT_TOKENS + estimate_text_tokens(text)``. Counts are cached by cut id (bounded: oldest
     entries are dropped past ``cache_size``; ``None`` keeps all), because samplers measure a cut
     many times while it waits in a bucket.
@@ -93,10 +95,13 @@ class TokenCounter:
         return n
 
     def count(self, text: str | None, language: str | None) -> int:
+        # The dataset's rule (dataset.reference_and_language): no language means "en", for the
+        # prompt and for the text, which an aggregate tokenizer encodes with that language's model.
+        language = language or "en"
         prompt = self.prompt_tokens(language)
         if self.tokenizer is None:
             return prompt + estimate_text_tokens(text or "")
-        return prompt + len(self.tokenizer.encode(text or ""))
+        return prompt + len(self.tokenizer.encode(text or "", language))
 
     def __call__(self, cut: Cut) -> int:
         n = self._cache.get(cut.id)

@@ -170,3 +170,42 @@ def test_speedasr_padded_batches_never_exceed_the_budget():
     for batch in build_sampler(cuts, cfg, None):
         assert len(batch) * max(c.duration for c in batch) <= 45.0 + 1e-9
         assert len(batch) * max(counter(c) for c in batch) <= 400
+
+
+def test_token_counter_encodes_each_language_with_its_model():
+    """A two-language NeMo aggregate tokenizer (the fixture's spl_tokens + en, and a de model
+    trained here): a de cut's text is counted with the de model, as the dataset encodes it."""
+    import io
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    from speedasr.data.dataset import decoder_sequences
+    from speedasr.data.nemo_tokenizer import AggregateTokenizer
+    from speedasr.nemo.archive import read_nemo
+    from speedasr.nemo.import_nemo import tokenizer_state
+
+    state = tokenizer_state(read_nemo(Path(__file__).parents[1] / "fixtures/nemo/canary_tiny.nemo"))
+    de_proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["der hund ist gross", "die katze ist klein"] * 50),
+        model_writer=de_proto,
+        vocab_size=20,
+        minloglevel=2,
+    )
+    tok = AggregateTokenizer.from_state(
+        {**state, "langs": [*state["langs"], ["de", de_proto.getvalue()]]}
+    )
+    de = spm.SentencePieceProcessor(model_proto=de_proto.getvalue())
+    en = dict(tok.models)["en"]
+    text = "der hund ist gross"
+    assert len(de.encode(text)) != len(en.encode(text))  # the two models disagree on this text
+    counter = TokenCounter(tok)
+    for cut, lang in [
+        (metadata_cut("d", 1.0, text, "de"), "de"),
+        (metadata_cut("e", 1.0, text, "en"), "en"),
+        (metadata_cut("n", 1.0, text, None), "en"),  # no language: "en", as the dataset says
+    ]:
+        sp = de if lang == "de" else en
+        assert counter(cut) == tok.prompt_length + len(sp.encode(text))  # 9 + that model's pieces
+        assert counter(cut) == len(decoder_sequences(tok, text, lang)[0])  # the collator's L
