@@ -83,11 +83,11 @@ def configurations(rel_pos_only: bool = False):
         for head_dim in (64, 128, 40, 256):
             if head_dim > _max_head_dim(dtype):
                 continue
-            blocks = _blocks(head_dim, dtype)
             block_d = _block_d(head_dim)
             for causal, rel_pos in ((False, False), (True, False), (False, True), (True, True)):
                 if rel_pos_only and not rel_pos:
                     continue
+                blocks = _blocks(head_dim, dtype, rel_pos)
                 common = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
                               DOT_PRECISION=_dot_precision(dtype), REL_POS=rel_pos)  # fmt: skip
                 kernels = [
@@ -101,6 +101,7 @@ def configurations(rel_pos_only: bool = False):
                     yield label, fn, dtype, {**common, **tiles}, blocks.num_warps, blocks.num_stages
             if rel_pos_only:
                 continue
+            blocks = _blocks(head_dim, dtype)
             pre = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.bwd_q)
             label = f"{_TRITON_TYPE[dtype]} D{head_dim} preprocess"
             yield label, K.bwd_preprocess_kernel, dtype, pre, blocks.num_warps, blocks.num_stages

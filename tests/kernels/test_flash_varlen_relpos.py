@@ -6,8 +6,13 @@ torch path (``torch_packed_attention``) in fp32, for the output and the gradient
 query_pos and table. In every dtype the kernel also meets the kernels' general rule: at most twice
 the error of plain PyTorch in the same dtype (``attention_ref(..., upcast=False)``,
 ``kernels/accuracy.py``). The torch path is no fp16 baseline on CPU: its fp16 SDPA accumulates in
-fp32 internally, which GPU fp16 attention does not. fp32 gets a 1e-6 absolute floor (its errors
-are ~5e-7 at these magnitudes), fp16 the rule's 1e-4.
+fp32 internally, which GPU fp16 attention does not.
+
+Floors: fp16 the rule's 1e-4. fp32 2e-6 (the values are O(1), so a few dozen ulp): the kernels
+recompute backward probabilities as ``exp2(s - lse)`` from the saved fp32 log-sum-exp (natural
+log, rescaled to log2 units), whose rounding alone costs ~1e-6 relative once scores reach a few
+units; the plain kernel shows the same, up to ~2.2x the torch error in fp32 at equal score
+magnitudes (measured while writing this test), so the floor does not hide the position term.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from speedasr.nn import attention as attention_module  # noqa: E402
 from speedasr.nn.attention import RelativePositions, packed_attention  # noqa: E402
 from speedasr.nn.attention_torch import torch_packed_attention  # noqa: E402
 
-FP32_FLOOR = 1e-6
+FP32_FLOOR = 2e-6
 
 
 def _fuzz_lengths(seed: int, cross: bool) -> tuple[list[int], list[int]]:
