@@ -7,7 +7,8 @@ of ``*_GPU``; the dry run (CPU, Triton interpreter) at ``*_DRY``.
 - ``accuracy``: ``speedasr.kernels.accuracy`` on every curated length mix (empty segments,
   cross-attention with different q/k offsets, tile edges), full and causal, forward and the three
   gradients, against the fp32 reference. A case passes when every error is at most 2x that of plain
-  PyTorch attention in the same dtype (+1e-4) and finite.
+  PyTorch attention in the same dtype (+1e-4) and finite. The same with relative positions
+  (``rel_pos``, NeMo Canary's encoder), against fp64, for the output and all five gradients.
 - ``speed``: ``speedasr.kernels.bench.benchmark`` at Canary-like packed shapes: ``utterances``
   durations uniform in ``seconds``, 12.5 encoder frames per second (100 fps features, 8x
   subsampling) and 4 decoder tokens per second after a 4-token prompt. Shapes: encoder
@@ -52,7 +53,11 @@ ACCURACY_DRY = AccuracySizes(dtypes=("fp16",), head_dims=(16,), heads=1)
 
 
 def accuracy(ctx: StepContext) -> None:
-    from speedasr.kernels.accuracy import LENGTH_MIXES, compare_with_reference
+    from speedasr.kernels.accuracy import (
+        LENGTH_MIXES,
+        compare_rel_pos_with_reference,
+        compare_with_reference,
+    )
 
     # The reference must really be fp32: no TF32 matmuls behind its back on Ampere and later.
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -82,6 +87,33 @@ def accuracy(ctx: StepContext) -> None:
                         f"2 x {e.torch:.2e} (plain PyTorch) + 1e-4"
                         + ("" if e.finite else ", non-finite values")
                     )
+    # Relative positions: every mix on the GPU, one with empty segments in the (slow) dry run.
+    rel_mixes = (
+        [m for m in LENGTH_MIXES if m[0] == "len1_and_empty"] if ctx.dry_run else LENGTH_MIXES
+    )
+    for dtype, head_dim, causal in itertools.product(sizes.dtypes, sizes.head_dims, (False, True)):
+        for mix, len_q, len_k in rel_mixes:
+            errors = compare_rel_pos_with_reference(
+                len_q, len_k, head_dim, DTYPES[dtype], causal, seed=0, heads=sizes.heads,
+                device=ctx.device,
+            )  # fmt: skip
+            mask = "causal" if causal else "full"
+            ctx.append(
+                "rel_pos_cases",
+                {
+                    "dtype": dtype, "head_dim": head_dim, "mask": mask, "mix": mix,
+                    "passed": all(e.passed for e in errors),
+                    "kernel": {e.output: e.kernel for e in errors},
+                    "torch": {e.output: e.torch for e in errors},
+                },
+            )  # fmt: skip
+            for e in errors:
+                if not e.passed:
+                    ctx.fail(
+                        f"rel_pos {dtype} D={head_dim} {mask} {mix}: {e.output} error "
+                        f"{e.kernel:.2e} > 2 x {e.torch:.2e} (plain PyTorch) + 1e-4"
+                        + ("" if e.finite else ", non-finite values")
+                    )
 
 
 def render_accuracy(results: dict) -> list[str]:
@@ -92,8 +124,23 @@ def render_accuracy(results: dict) -> list[str]:
         "Max-abs error against fp32 over the curated length mixes (`speedasr.kernels.accuracy`), "
         "kernel / plain PyTorch in the same dtype; pass: kernel <= 2 x PyTorch + 1e-4.",
         "",
-        "| dtype | D | mask | mixes passed | out | dq | dk | dv |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        *_accuracy_table(cases, ("out", "dq", "dk", "dv")),
+    ]
+    rel_cases = results.get("rel_pos_cases", [])
+    if rel_cases:
+        lines += [
+            "",
+            "With relative positions (`rel_pos`), against fp64, same rule:",
+            "",
+            *_accuracy_table(rel_cases, ("out", "dq", "dk", "dv", "dquery_pos", "dtable")),
+        ]
+    return lines
+
+
+def _accuracy_table(cases: list[dict], outputs: tuple[str, ...]) -> list[str]:
+    lines = [
+        f"| dtype | D | mask | mixes passed | {' | '.join(outputs)} |",
+        "|---|---:|---|---:|" + "---:|" * len(outputs),
     ]
     groups = itertools.groupby(cases, key=lambda c: (c["dtype"], c["head_dim"], c["mask"]))
     for (dtype, head_dim, mask), group in groups:
@@ -101,7 +148,7 @@ def render_accuracy(results: dict) -> list[str]:
         passed = sum(c["passed"] for c in group)
         cells = [
             f"{max(c['kernel'][o] for c in group):.1e} / {max(c['torch'][o] for c in group):.1e}"
-            for o in ("out", "dq", "dk", "dv")
+            for o in outputs
         ]
         lines.append(
             f"| {dtype} | {head_dim} | {mask} | {passed}/{len(group)} | {' | '.join(cells)} |"

@@ -164,6 +164,12 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path, capsys):
     mixes = {c["mix"] for c in cases}
     assert len(cases) == 2 * len(mixes) and all(c["passed"] for c in cases)
     assert {"len1_and_empty", "cross_mixed"} <= mixes  # empty segments, cross offsets
+    rel_cases = steps["kernel_accuracy"]["results"]["rel_pos_cases"]
+    assert [(c["mix"], c["mask"]) for c in rel_cases] == [
+        ("len1_and_empty", "full"),
+        ("len1_and_empty", "causal"),
+    ]
+    assert all(c["passed"] and "dtable" in c["kernel"] for c in rel_cases)
 
     rows = steps["kernel_speed"]["results"]["rows"]
     assert {(r["shape"], r["backend"], r["mode"]) for r in rows} == {
