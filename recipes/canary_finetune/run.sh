@@ -51,4 +51,5 @@ if [ -f "$DATA/test_cuts.jsonl.gz" ]; then
 fi
 
 step "5/5 export -> $EXP/finetuned.nemo"
-speedasr export-nemo --ckpt "$EXP/train/checkpoints/last.ckpt" --out "$EXP/finetuned.nemo"
+speedasr export-nemo --ckpt "$EXP/train/checkpoints/last.ckpt" --out "$EXP/finetuned.nemo" \
+  --overwrite  # a rerun exports again

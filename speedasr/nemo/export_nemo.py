@@ -7,6 +7,7 @@ decoder's position table is rebuilt exactly as NeMo builds it (sinusoids ÷ √w
 archive is what NeMo's ``save_to`` writes (docs/canary.md §1): an uncompressed tar with
 ``./model_config.yaml`` (the original config, byte for byte), ``./model_weights.ckpt`` and the
 original tokenizer files under their original names, which the config's ``nemo:`` paths name.
+An existing ``--out`` file is replaced only with ``--overwrite`` (as import-nemo's ``--out``).
 
 So import → export → import is bit-identical, and so is NeMo's state dict after import → export.
 The checkpoint must come from ``import-nemo`` or from a run fine-tuning one (``init_from``): both
@@ -76,11 +77,21 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_nemo(ckpt_path: str | Path, out_path: str | Path) -> Exported:
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """``UserError`` if ``out`` is a directory, or an existing file and not ``overwrite``."""
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a directory; give the .nemo file to write")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out '{out}' exists: give a new file, or --overwrite to replace it")
+
+
+def export_nemo(ckpt_path: str | Path, out_path: str | Path, overwrite: bool = False) -> Exported:
     """Write ``out_path`` (a ``.nemo``) from an ``import-nemo`` checkpoint or a fine-tuning
-    run's checkpoint of one."""
+    run's checkpoint of one. An existing ``out_path`` is a ``UserError`` unless ``overwrite``."""
     from speedasr.nemo.import_nemo import load_imported
 
+    out = Path(out_path)
+    check_out_file(out, overwrite)  # before the checkpoint is read: it may be gigabytes
     model, ckpt = load_imported(ckpt_path)
     nemo = ckpt.get("nemo")
     if not isinstance(nemo, dict) or "config" not in nemo or "files" not in nemo:
@@ -92,9 +103,6 @@ def export_nemo(ckpt_path: str | Path, out_path: str | Path) -> Exported:
     state = nemo_state_dict(model, yaml.safe_load(config_bytes))
     weights = io.BytesIO()
     torch.save(state, weights)
-    out = Path(out_path)
-    if out.is_dir():
-        raise UserError(f"--out '{out}' is a directory; give the .nemo file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
     tmp = out.with_name(out.name + ".partial")
@@ -155,14 +163,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "one (init_from), e.g. exp/run/checkpoints/last.ckpt",
     )  # fmt: skip
     parser.add_argument("--ckpt", dest="ckpt_option", help="the checkpoint, as an option")
-    parser.add_argument("--out", required=True, help="the .nemo file to write")
+    parser.add_argument("--out", required=True, help="the .nemo file to write (a new file)")
+    parser.add_argument(
+        "--overwrite", "--force", dest="overwrite", action="store_true",
+        help="replace an existing --out file",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     if (args.ckpt is None) == (args.ckpt_option is None):
         raise UserError("give the checkpoint once: speedasr export-nemo CKPT --out MODEL.nemo")
     ckpt = args.ckpt or args.ckpt_option
-    out, changed = export_nemo(ckpt, args.out)
+    out, changed = export_nemo(ckpt, args.out, overwrite=args.overwrite)
     if changed:
         print(f"config settings changed since the import, written: {'; '.join(changed)}")
     print(f"exported {ckpt} to {out} (NeMo EncDecMultiTaskModel.restore_from reads it)")

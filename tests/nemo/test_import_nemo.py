@@ -318,6 +318,23 @@ def test_export_gives_nemos_state_dict_and_files_back(imported, tmp_path):
         assert all(m.name.startswith("./") for m in tar.getmembers())
 
 
+def test_export_refuses_an_existing_out_unless_overwrite(imported, tmp_path, capsys):
+    """export-nemo, like import-nemo, never replaces a file unasked; --overwrite/--force do."""
+    out, _, _ = imported
+    nemo, ckpt = tmp_path / "m.nemo", str(out / "model.ckpt")
+    nemo.write_bytes(b"a user's file")
+    assert main(["export-nemo", ckpt, "--out", str(nemo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out '{nemo}' exists" in err and "--overwrite" in err
+    assert nemo.read_bytes() == b"a user's file"
+    for flag in ("--overwrite", "--force"):
+        nemo.write_bytes(b"a user's file")
+        assert main(["export-nemo", ckpt, "--out", str(nemo), flag]) == 0
+        assert read_nemo(nemo).config_bytes == read_nemo(NEMO).config_bytes  # replaced
+    assert main(["export-nemo", ckpt, "--out", str(tmp_path), "--overwrite"]) == 2  # a directory
+    assert "is a directory" in capsys.readouterr().err
+
+
 def test_import_export_import_is_bit_identical(imported, tmp_path):
     from speedasr.nemo.export_nemo import export_nemo
 
