@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.nn.attention import REL_POS_BACKENDS
 from speedasr.nn.conformer import ConformerEncoder
 from speedasr.nn.ctc_alignment import ctc_token_frames
 from speedasr.nn.decoder import TransformerDecoder
@@ -60,9 +61,8 @@ class ModelConfig:
     much faster on small data (docs/training.md)."""
     encoder_positions: Literal["rotary", "rel_pos"] = "rotary"
     """Encoder self-attention positions: rotary, or Transformer-XL relative positions with a
-    per-layer ``linear_pos`` and ``pos_bias_u/v`` (NeMo Canary's ``rel_pos``). rel_pos runs on the
-    pure-PyTorch attention path only (no Triton kernel yet): ``attention_backend`` 'auto' sends the
-    encoder there and keeps the kernels for the decoder."""
+    per-layer ``linear_pos`` and ``pos_bias_u/v`` (NeMo Canary's ``rel_pos``). The pure-PyTorch
+    path and speedasr's Triton kernels compute the position term; flash-attn does not."""
     xscaling: bool = False
     """Multiply the subsampling output by √d_model before the first block (NeMo's ``xscaling``)."""
     conv_norm: Literal["layer", "batch"] = "layer"
@@ -142,9 +142,9 @@ class ModelConfig:
                 "encoder_positions must be 'rotary' or 'rel_pos'",
             ),
             (
-                self.encoder_positions != "rel_pos" or self.attention_backend in ("auto", "torch"),
-                "encoder_positions='rel_pos' needs attention_backend 'auto' or 'torch' (no "
-                f"{self.attention_backend} kernel computes relative positions yet)",
+                self.encoder_positions != "rel_pos" or self.attention_backend in REL_POS_BACKENDS,
+                f"encoder_positions='rel_pos' needs attention_backend {REL_POS_BACKENDS} (the "
+                f"{self.attention_backend} backend does not compute relative positions)",
             ),
             (self.conv_norm in ("layer", "batch"), "conv_norm must be 'layer' or 'batch'"),
             (
