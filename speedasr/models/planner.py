@@ -18,7 +18,9 @@ feature frames (``T' = ceil(T/8)`` encoder frames) and ``L`` decoder tokens (pro
   per layer + output layer ``L·d·V`` + attention ``layers × 2·(L² + L·T')·d``.
 
 Epoch FLOPs assume utterances of ``--duration`` seconds carrying ``--tokens-per-second`` text
-tokens (+ the 4 prompt tokens): ``epoch = train FLOPs per audio second × corpus seconds``.
+tokens plus a prompt: ``epoch = train FLOPs per audio second × corpus seconds``. A prompt's length
+is its tokenizer's ``prompt_length``; the candidates here are new models trained with speedasr's
+tokenizer, so the planner counts its prompt (``PROMPT_TOKENS``; NeMo's canary2 prompt is 9).
 At inference (``inference_flops``) the forward FLOPs are the same with a KV cache (each token is
 computed once), but the decoder runs them as ``L`` sequential steps.
 """
@@ -120,10 +122,13 @@ class InferenceFlops:
         return self.encoder / max(self.encoder + self.decoder, 1)
 
 
-def inference_flops(cfg: ModelConfig, frames: int, tokens: int, prompt: int = 4) -> InferenceFlops:
+def inference_flops(
+    cfg: ModelConfig, frames: int, tokens: int, prompt: int = PROMPT_TOKENS
+) -> InferenceFlops:
     """FLOPs to transcribe ``frames`` feature frames into ``tokens`` emitted tokens after a
     ``prompt``-token prompt (the KV cache computes each position once: the forward's FLOPs).
-    The CTC head is not used at inference and not counted."""
+    ``prompt``: the tokenizer's ``prompt_length`` (default: speedasr's tokenizer's). The CTC head
+    is not used at inference and not counted."""
     f = count_flops(cfg, frames, prompt + tokens)
     return InferenceFlops(
         encoder=f.encoder_dense + f.encoder_attention,
