@@ -18,6 +18,7 @@ from speedasr.inference import transcribe_batch
 from speedasr.metrics import word_error_rate
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.models.sizing import count_flops
+from speedasr.nn.batchnorm import take_part_without_frames
 
 
 @dataclass
@@ -99,7 +100,9 @@ class AsrModule(pl.LightningModule):
         if n == 0:
             # Every cut of the batch failed to load. A zero loss that touches every parameter keeps
             # data-parallel ranks in lock step; ``FaultMonitor`` then skips the optimizer step.
-            return sum(p.sum() for p in self.parameters()) * 0.0
+            # BatchNorm's statistics are all-reduced in the others' forward and backward: join.
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return zero + take_part_without_frames(self.model)
         out = self.model(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
         self.log("train/ce_loss", out.ce_loss, batch_size=n)
