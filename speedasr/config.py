@@ -33,6 +33,8 @@ TRAINER_KEYS_SET_BY_SPEEDASR: dict[str, str] = {
     "default_root_dir": "it is out_dir",
     "use_distributed_sampler": "speedasr's samplers shard the data by rank themselves",
     "enable_checkpointing": "speedasr writes its checkpoints itself (see checkpoint.*)",
+    "sync_batchnorm": "model.conv_norm=batch shares its statistics across ranks itself; "
+    "Lightning's would swap in torch's SyncBatchNorm, which takes no layout",
 }
 """``Trainer`` arguments that speedasr sets itself (not config keys), with the reason."""
 

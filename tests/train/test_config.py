@@ -108,6 +108,7 @@ def test_logger_without_its_package_is_one_line_naming_it(logger, package, capfd
         ("--trainer.precision=bf16-mixedd", "trainer.precision=bf16-mixedd"),
         ("--trainer.max_stepz=3", "did you mean trainer.max_steps?"),
         ("--trainer.default_root_dir=x", "speedasr sets it (it is out_dir)"),
+        ("--trainer.sync_batchnorm=true", "conv_norm=batch shares its statistics across ranks"),
         ("--trainer.callbacks+=EarlyStopping", "required: monitor"),
         ("--trainer.callbacks+=os.system", "not correspond to a subclass of Callback"),
         ("--trainer.logger=lightning.pytorch.loggers.CSVLogger", "pytorch_lightning.loggers"),
