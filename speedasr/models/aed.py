@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.data.padding import encoder_length
 from speedasr.nn.attention import REL_POS_BACKENDS
-from speedasr.nn.conformer import ConformerEncoder
+from speedasr.nn.conformer import SUBSAMPLING_FACTORS, ConformerEncoder
 from speedasr.nn.ctc_alignment import ctc_token_frames
 from speedasr.nn.decoder import TransformerDecoder
 from speedasr.nn.filterbank import NemoFilterbank
@@ -46,7 +47,11 @@ class ModelConfig:
     (``AsrDataset(n_mels=...)``, via the run's data module) and inference (the checkpoint's
     config) extract exactly this many bins."""
     subsampling_channels: int = 32
-    """Channels of the 8x convolutional subsampling (Canary: 256; 16-64 on CPU)."""
+    """Channels of the convolutional subsampling (Canary: 256; 16-64 on CPU)."""
+    subsampling_factor: int = 8
+    """Input frames (10 ms) per encoder frame: 4, 8 (FastConformer, Canary: 80 ms) or 16, by 2, 3
+    or 4 stride-2 convolutions. 4 doubles the encoder's frames and its cost, and leaves CTC room
+    for fast speech with many tokens per second (docs/training.md)."""
     d_model: int = 144
     """Encoder width."""
     encoder_layers: int = 6
@@ -162,6 +167,10 @@ class ModelConfig:
                 "max_decoder_positions must be > 0 (or None: no limit)",
             ),
             (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
+            (
+                self.subsampling_factor in SUBSAMPLING_FACTORS,
+                f"subsampling_factor must be one of {sorted(SUBSAMPLING_FACTORS)}",
+            ),
             (self.encoder_layers >= 0 and self.decoder_layers >= 0, "layer counts must be >= 0"),
             (0.0 <= self.ctc_weight <= 1.0, "ctc_weight must be in [0, 1]"),
             (self.guided_attention_weight >= 0, "guided_attention_weight must be >= 0"),
@@ -185,6 +194,15 @@ class ModelConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"ModelConfig: {message} (got {self})")
+
+    @property
+    def subsampling_stages(self) -> int:
+        """Stride-2 convolutions of the subsampling: log2 of ``subsampling_factor``."""
+        return SUBSAMPLING_FACTORS[self.subsampling_factor]
+
+    def encoder_length(self, num_frames: int) -> int:
+        """Encoder frames of an input of ``num_frames`` feature frames."""
+        return encoder_length(num_frames, self.subsampling_stages)
 
     @property
     def dec_d_model(self) -> int:
@@ -241,7 +259,7 @@ class AEDModel(nn.Module):
             kernel_size=cfg.conv_kernel, dropout=cfg.dropout, rope_base=cfg.rope_base,
             attention_backend=cfg.attention_backend, block_out_norm=cfg.block_out_norm,
             positions=cfg.encoder_positions, xscaling=cfg.xscaling, conv_norm=cfg.conv_norm,
-            conv_norm_frozen=cfg.conv_norm_frozen,
+            conv_norm_frozen=cfg.conv_norm_frozen, subsampling_factor=cfg.subsampling_factor,
         )  # fmt: skip
         self.decoder = TransformerDecoder(
             vocab_size=cfg.vocab_size, d_model=cfg.dec_d_model, layers=cfg.decoder_layers,

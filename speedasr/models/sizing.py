@@ -20,7 +20,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from speedasr.data.nemo_tokenizer import PROMPT_LENGTHS
-from speedasr.data.padding import encoder_length, num_input_frames
+from speedasr.data.padding import num_input_frames
 from speedasr.data.tokenizer import PROMPT_TOKENS
 from speedasr.errors import UserError
 from speedasr.models.aed import ModelConfig
@@ -147,10 +147,11 @@ def _linear(n_in: int, n_out: int) -> int:
 
 
 def subsampling_params(cfg: ModelConfig) -> int:
-    c, freq = cfg.subsampling_channels, cfg.n_mels
-    for _ in range(3):
+    c, freq, stages = cfg.subsampling_channels, cfg.n_mels, cfg.subsampling_stages
+    for _ in range(stages):
         freq = (freq + 1) // 2
-    return (9 * c + c) + 2 * ((9 * c + c) + _linear(c, c)) + _linear(c * freq, cfg.d_model)
+    depthwise = (9 * c + c) + _linear(c, c)
+    return (9 * c + c) + (stages - 1) * depthwise + _linear(c * freq, cfg.d_model)
 
 
 def encoder_layer_params(cfg: ModelConfig) -> int:
@@ -222,11 +223,11 @@ def count_flops(cfg: ModelConfig, frames: int, tokens: int) -> FlopCount:
     """Forward FLOPs of one utterance of ``frames`` input frames and ``tokens`` decoder tokens."""
     c, d, k = cfg.subsampling_channels, cfg.d_model, cfg.conv_kernel
     t, freq, sub = frames, cfg.n_mels, 0
-    for stage in range(3):
+    for stage in range(cfg.subsampling_stages):
         t, freq = (t + 1) // 2, (freq + 1) // 2
         sub += t * freq * c * 9 if stage == 0 else t * freq * (c * 9 + c * c)
     sub += t * c * freq * d
-    te = encoder_length(frames)
+    te = cfg.encoder_length(frames)
     ff = cfg.ff_mult * d
     enc_per_frame = 2 * (2 * d * ff) + 4 * d * d + (2 * d * d + k * d + d * d)
     dd, fd, v, n = cfg.dec_d_model, cfg.ff_mult * cfg.dec_d_model, cfg.vocab_size, tokens

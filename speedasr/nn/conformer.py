@@ -1,4 +1,4 @@
-"""FastConformer encoder: 8x convolutional subsampling, then conformer blocks; packed or padded.
+"""FastConformer encoder: convolutional subsampling (8x; 4x, 16x), then conformer blocks.
 
 Every module takes ``x`` and a layout (``speedasr.nn.layout``): packed ``x: (N, D)`` with
 ``N = Σ T'_i`` or padded ``x: (B, T', D)``. Nothing mixes utterances, with one opt-in exception:
@@ -31,41 +31,50 @@ from speedasr.nn.rotary import apply_rotary
 from speedasr.nn.segments import Segments
 
 SUBSAMPLING_STAGES = 3
-"""Three stride-2 stages: 8x fewer frames (10 ms -> 80 ms)."""
-SUBSAMPLING_RECEPTIVE_FIELD = 15
-"""Input frames one encoder frame sees through the three k3/s2 stages: 1 + 2·(1 + 2 + 4)."""
+"""Three stride-2 stages (the default, FastConformer/Canary): 8x fewer frames (10 ms -> 80 ms)."""
+SUBSAMPLING_FACTORS = {4: 2, 8: 3, 16: 4}
+"""Subsampling factor -> stride-2 stages (NeMo's ``dw_striding`` offers the same three)."""
+
+
+def receptive_field(stages: int = SUBSAMPLING_STAGES) -> int:
+    """Input frames one encoder frame sees through ``stages`` k3/s2 convolutions: 15 at 8x."""
+    return 1 + 2 * (2**stages - 1)
+
+
+SUBSAMPLING_RECEPTIVE_FIELD = receptive_field()
 
 
 class ConvSubsampling(nn.Module):
-    """FastConformer 8x subsampling: ``(frames, n_mels) -> (ceil(frames / 8), d_model)``.
+    """FastConformer subsampling: ``(frames, n_mels) -> (ceil(frames / factor), d_model)``.
 
-    conv2d(1→C, 3×3, s2) + ReLU, then twice [depthwise conv2d(C, 3×3, s2) + pointwise
-    conv2d(C→C) + ReLU], then a linear map of the ``C × ceil(n_mels / 8)`` features to ``d_model``.
-    Every stage maps T frames to ``ceil(T / 2)`` (kernel 3, padding 1), so output lengths are
-    ``speedasr.data.padding.encoder_length(T)``.
+    conv2d(1→C, 3×3, s2) + ReLU, then ``stages - 1`` times [depthwise conv2d(C, 3×3, s2) +
+    pointwise conv2d(C→C) + ReLU], then a linear map of the ``C × ceil(n_mels / factor)``
+    features to ``d_model`` (factor ``2 ** stages``: 8, as in Canary, by default). Every stage
+    maps T frames to ``ceil(T / 2)`` (kernel 3, padding 1), so output lengths are
+    ``speedasr.data.padding.encoder_length(T, stages)``.
 
-    Short utterances: an utterance of ``T >= 1`` frames always gives ``ceil(T / 8) >= 1`` frames,
-    computed as if it were alone (its receptive field, 15 input frames, is completed with zeros,
-    never with a neighbour's frames); ``T = 0`` gives 0 frames.
+    Short utterances: an utterance of ``T >= 1`` frames always gives ``>= 1`` frame, computed as
+    if it were alone (its receptive field, 15 input frames at 8x, is completed with zeros, never
+    with a neighbour's frames); ``T = 0`` gives 0 frames.
     """
 
-    def __init__(self, n_mels: int, channels: int, d_model: int) -> None:
+    def __init__(
+        self, n_mels: int, channels: int, d_model: int, stages: int = SUBSAMPLING_STAGES
+    ) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(
-            [
-                nn.Conv2d(1, channels, 3, stride=2, padding=1),
-                nn.Sequential(
-                    nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
-                    nn.Conv2d(channels, channels, 1),
-                ),
-                nn.Sequential(
-                    nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
-                    nn.Conv2d(channels, channels, 1),
-                ),
-            ]
-        )
+        if stages < 1:
+            raise ValueError(f"subsampling needs at least one stage, got {stages}")
+        self.stages = stages
+        depthwise = [
+            nn.Sequential(
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
+                nn.Conv2d(channels, channels, 1),
+            )
+            for _ in range(stages - 1)
+        ]
+        self.convs = nn.ModuleList([nn.Conv2d(1, channels, 3, stride=2, padding=1), *depthwise])
         freq = n_mels
-        for _ in range(SUBSAMPLING_STAGES):
+        for _ in range(stages):
             freq = (freq + 1) // 2
         self.out = nn.Linear(channels * freq, d_model)
         # He init for the ReLU convolutions, zero biases. torch's default (fan-in uniform, gain
@@ -81,20 +90,22 @@ class ConvSubsampling(nn.Module):
     def forward_packed(self, x: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, Segments]:
         """``x: (ΣT, n_mels)`` -> ``(ΣT', d_model)`` and the descriptor of the T' frames.
 
-        All utterances share one stream, each starting at a multiple of 8 and followed by enough
-        zeros that at every stage it starts at an even offset and has a zero frame on each side
-        (its conv padding). Gap frames are re-zeroed after every stage (bias + ReLU make them
-        non-zero). The stream costs at most 11 extra frames per utterance.
+        All utterances share one stream, each starting at a multiple of ``2 ** stages`` (8 at 8x)
+        and followed by enough zeros that at every stage it starts at an even offset and has a
+        zero frame on each side (its conv padding). Gap frames are re-zeroed after every stage
+        (bias + ReLU make them non-zero). The stream costs at most 11 extra frames per utterance
+        at 8x.
         """
         lengths = segments.lengths
         device = x.device
+        align, half = 2**self.stages, 2 ** (self.stages - 1)
         starts, pos = [], 0
         for n in lengths:
             starts.append(pos)
-            # next start: a multiple of 8 leaving >= 1 zero frame after this utterance at stages
-            # 0-2 (4 * ceil(n/4) + 4 input frames suffice, see the tests)
-            pos += -(-(n + 4) // 8) * 8
-        stream_length = max(pos, 8)
+            # next start: a multiple of 2^S leaving >= 1 zero frame after this utterance at every
+            # stage (at 8x: 4 * ceil(n/4) + 4 input frames suffice, see the tests)
+            pos += -(-(n + half) // align) * align
+        stream_length = max(pos, align)
         start = torch.tensor(starts, dtype=torch.int64, device=device)
         index = start[segments.segment_ids] + segments.positions
         stream = x.new_zeros(stream_length, x.shape[1]).index_copy(0, index, x)
@@ -262,6 +273,7 @@ class ConformerEncoder(nn.Module):
     positions: ``"rotary"`` or ``"rel_pos"`` (Transformer-XL, NeMo Canary).
     xscaling: multiply the subsampling output by ``√d_model`` (NeMo's ``xscaling``).
     conv_norm, conv_norm_frozen: the conv module's norm (``ConvModule``).
+    subsampling_factor: 4, 8 (Canary) or 16: frames per encoder frame (``ConvSubsampling``).
     """
 
     def __init__(
@@ -269,9 +281,12 @@ class ConformerEncoder(nn.Module):
         d_ff: int, kernel_size: int, dropout: float, rope_base: float = 10000.0,
         attention_backend: str = "auto", block_out_norm: bool = False, positions: str = "rotary",
         xscaling: bool = False, conv_norm: str = "layer", conv_norm_frozen: bool = False,
+        subsampling_factor: int = 8,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.subsampling = ConvSubsampling(n_mels, subsampling_channels, d_model)
+        self.subsampling = ConvSubsampling(
+            n_mels, subsampling_channels, d_model, SUBSAMPLING_FACTORS[subsampling_factor]
+        )
         self.xscale = math.sqrt(d_model) if xscaling else 1.0
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -295,7 +310,7 @@ class ConformerEncoder(nn.Module):
     def forward_packed(
         self, features: torch.Tensor, segments: Segments
     ) -> tuple[torch.Tensor, PackedLayout]:
-        """``features: (ΣT, n_mels)`` -> ``(ΣT', D)`` with ``T'_i = encoder_length(T_i)``."""
+        """``features: (ΣT, n_mels)`` -> ``(ΣT', D)``, ``T'_i = encoder_length(T_i, stages)``."""
         x, enc_segments = self.subsampling.forward_packed(features, segments)
         layout = PackedLayout(enc_segments, self.attention_backend)
         x = self.dropout(x * self.xscale if self.xscale != 1.0 else x)

@@ -88,7 +88,9 @@ def log_run_config(loggers: list[Logger], config_yaml: str, skip) -> None:
         lg.log_hyperparams(params)
 
 
-def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Callback]]:
+def build_callbacks(
+    cfg, out_dir: Path, model_cfg=None
+) -> tuple[list[pl.Callback], list[pl.Callback]]:
     """Checkpointing, exact-resume progress, fault tolerance, a clean stop on SIGTERM/Ctrl-C and
     the enabled profiling monitors, then the user's ``trainer.callbacks``. Returns (all
     callbacks, monitors); ``FaultMonitor`` counts as a monitor (it has a summary)."""
@@ -141,7 +143,8 @@ def build_callbacks(cfg, out_dir: Path) -> tuple[list[pl.Callback], list[pl.Call
     progress = TrainingProgress(cfg.seed, record_dir=out_dir if cfg.record_batches else None)
     monitors: list[pl.Callback] = [FaultMonitor()]
     if cfg.monitors.padding:
-        monitors.append(PaddingMonitor())
+        # the encoder frames the model really computes (its subsampling factor)
+        monitors.append(PaddingMonitor(encoder_length=(model_cfg or cfg.model).encoder_length))
     if cfg.monitors.gpu:
         monitors.append(GPUUtilizationMonitor())
     if cfg.monitors.throughput:

@@ -234,7 +234,7 @@ def train(cfg, config_yaml: str | None = None) -> int:
         load_pretrained_weights(module.model, pretrained, model_cfg)
         module.nemo_files = pretrained.nemo
         del pretrained  # the module holds its own copy of the weights
-    callbacks, monitors = build_callbacks(cfg, out_dir)
+    callbacks, monitors = build_callbacks(cfg, out_dir, model_cfg)
     settings = {k: v for k, v in vars(cfg.trainer).items() if k not in ("logger", "callbacks")}
     loggers = build_loggers(out_dir, cfg.trainer.logger)
     try:

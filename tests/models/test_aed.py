@@ -85,9 +85,12 @@ def loss_and_grads(m, batch):
 
 # Absolute positions (token embeddings, encoder output) restart per utterance like rotary ones.
 POSITIONS = [{}, {"absolute_token_positions": True, "absolute_memory_positions": True}]
+SUBSAMPLING = [{"subsampling_factor": 4}, {"subsampling_factor": 16}]
 
 
-@pytest.mark.parametrize("options", POSITIONS, ids=["rotary", "absolute"])
+@pytest.mark.parametrize(
+    "options", POSITIONS + SUBSAMPLING, ids=["rotary", "absolute", "4x", "16x"]
+)
 def test_packed_equals_padded(options):
     m = model(**options)
     batch = make_batch(FRAMES, TEXTS, PROMPTS)
@@ -101,7 +104,9 @@ def test_packed_equals_padded(options):
     close_grads(g_packed, g_padded)
 
 
-@pytest.mark.parametrize("options", POSITIONS, ids=["rotary", "absolute"])
+@pytest.mark.parametrize(
+    "options", POSITIONS + SUBSAMPLING, ids=["rotary", "absolute", "4x", "16x"]
+)
 def test_packed_equals_each_utterance_alone(options):
     m = model(**options)
     batch = make_batch(FRAMES, TEXTS, PROMPTS)
@@ -227,6 +232,8 @@ def test_config_round_trip_and_validation():
         config(guided_attention_sigma=0.0)
     with pytest.raises(ValueError, match="guided_attention_weight"):
         config(guided_attention_weight=-1.0)
+    with pytest.raises(ValueError, match="subsampling_factor"):
+        config(subsampling_factor=2)
     with pytest.raises(ValueError, match="needs ctc_weight > 0"):
         config(guided_attention="ctc", ctc_weight=0.0)
 

@@ -44,6 +44,8 @@ CONFIGS = [
         encoder_heads=16,
         decoder_heads=4,
     ),  # odd encoder head dim (9): allowed with rel_pos
+    ModelConfig(subsampling_factor=4),
+    ModelConfig(subsampling_factor=16, n_mels=128),
 ]
 
 
@@ -65,12 +67,13 @@ def test_cpu_presets_sizes():
     assert count_parameters(PRESETS["small"]).total > 4 * count_parameters(PRESETS["tiny"]).total
 
 
-def test_flops_match_torch_flop_counter():
+@pytest.mark.parametrize("factor", [4, 8])
+def test_flops_match_torch_flop_counter(factor):
     # One utterance in a padded batch of one: every matmul/conv is real work, nothing is skipped.
     cfg = ModelConfig(
         vocab_size=50, n_mels=24, subsampling_channels=4, d_model=32, encoder_layers=2,
         encoder_heads=2, decoder_layers=2, decoder_d_model=48, decoder_heads=2, dropout=0.0,
-        ctc_weight=0.3, attention_backend="torch",
+        ctc_weight=0.3, attention_backend="torch", subsampling_factor=factor,
     )  # fmt: skip
     frames, tokens = 203, 11
     torch.manual_seed(0)

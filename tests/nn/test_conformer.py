@@ -8,6 +8,7 @@ from speedasr.nn.conformer import (
     ConformerEncoder,
     ConvModule,
     ConvSubsampling,
+    receptive_field,
 )
 from speedasr.nn.layout import PackedLayout, PaddedLayout
 from speedasr.nn.segments import Segments
@@ -58,17 +59,22 @@ def close(a, b):
 LENGTHS = [1, 2, 3, 7, 8, 9, 14, 15, 16, 40, 63]
 
 
-def test_subsampling_lengths_follow_the_shared_formula():
-    sub = ConvSubsampling(N_MELS, 4, 8)
+@pytest.mark.parametrize("stages", [2, 3, 4])  # 4x, 8x (the default), 16x
+def test_subsampling_lengths_follow_the_shared_formula(stages):
+    sub = ConvSubsampling(N_MELS, 4, 8, stages)
     for n in list(range(0, 33)) + [100, 101, 999]:
         seg = Segments.from_lengths([n, 5])
         _, out = sub.forward_packed(torch.randn(n + 5, N_MELS), seg)
-        assert out.lengths == (encoder_length(n), encoder_length(5))
-    assert SUBSAMPLING_RECEPTIVE_FIELD == 15
+        assert out.lengths == (encoder_length(n, stages), encoder_length(5, stages))
+        assert out.lengths[0] == -(-n // 2**stages)  # ceil(n / factor)
+    assert SUBSAMPLING_RECEPTIVE_FIELD == receptive_field(3) == 15
+    assert receptive_field(2) == 7  # 1 + 2 * (1 + 2)
 
 
-def test_subsampling_packed_equals_alone_and_padded():
-    sub = encoder().subsampling
+@pytest.mark.parametrize("factor", [4, 8, 16])
+def test_subsampling_packed_equals_alone_and_padded(factor):
+    sub = encoder(subsampling_factor=factor).subsampling
+    stages = sub.stages
     seg = Segments.from_lengths(LENGTHS)
     x = features(LENGTHS).requires_grad_()
     y, out_seg = sub.forward_packed(x, seg)
@@ -77,7 +83,7 @@ def test_subsampling_packed_equals_alone_and_padded():
         alone, _, _ = sub.forward_padded(xi[None], Segments.from_lengths([xi.shape[0]]))
         close(yi, alone[0])
     padded, pad_seg, t_out = sub.forward_padded(seg.pad(x), seg)
-    assert t_out == encoder_length(max(LENGTHS))
+    assert t_out == encoder_length(max(LENGTHS), stages)
     close(pad_seg.unpad(padded), y)
     # gradients
     w = torch.randn_like(y)
