@@ -14,6 +14,19 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from speedasr.train.faults import GracefulStop
 
 
+@pytest.fixture(autouse=True)
+def default_stop_signals():
+    """Each test starts from Python's own handlers. A background job of a non-interactive shell
+    inherits SIGINT ignored (`(make test &)`), and GracefulStop keeps an ignored signal ignored
+    by design (nohup's contract), so without this the SIGINT cases failed there."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 class _SignalsItself(pl.LightningModule):
     """y = w·x; sends ``sig`` to its own process during batch ``at``."""
 
