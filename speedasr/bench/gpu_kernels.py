@@ -64,42 +64,28 @@ def accuracy(ctx: StepContext) -> None:
     sizes = ACCURACY_DRY if ctx.dry_run else ACCURACY_GPU
     if ctx.dry_run:
         ctx.skip("bf16", "no GPU (the Triton interpreter's bf16 tl.dot is wrong)")
-    for dtype, head_dim, causal in itertools.product(sizes.dtypes, sizes.head_dims, (False, True)):
-        for mix, len_q, len_k in LENGTH_MIXES:
-            errors = compare_with_reference(
-                len_q, len_k, head_dim, DTYPES[dtype], causal, seed=0, heads=sizes.heads,
-                device=ctx.device,
-            )  # fmt: skip
-            mask = "causal" if causal else "full"
-            ctx.append(
-                "cases",
-                {
-                    "dtype": dtype, "head_dim": head_dim, "mask": mask, "mix": mix,
-                    "passed": all(e.passed for e in errors),
-                    "kernel": {e.output: e.kernel for e in errors},
-                    "torch": {e.output: e.torch for e in errors},
-                },
-            )  # fmt: skip
-            for e in errors:
-                if not e.passed:
-                    ctx.fail(
-                        f"{dtype} D={head_dim} {mask} {mix}: {e.output} error {e.kernel:.2e} > "
-                        f"2 x {e.torch:.2e} (plain PyTorch) + 1e-4"
-                        + ("" if e.finite else ", non-finite values")
-                    )
+    _compare_cases(ctx, sizes, LENGTH_MIXES, compare_with_reference, "cases", "")
     # Relative positions: every mix on the GPU, one with empty segments in the (slow) dry run.
     rel_mixes = (
         [m for m in LENGTH_MIXES if m[0] == "len1_and_empty"] if ctx.dry_run else LENGTH_MIXES
     )
+    _compare_cases(
+        ctx, sizes, rel_mixes, compare_rel_pos_with_reference, "rel_pos_cases", "rel_pos "
+    )
+
+
+def _compare_cases(ctx, sizes, mixes, compare, key: str, label: str) -> None:
+    """Runs ``compare`` (kernel vs fp64 reference) for every dtype, head dim, mask and length
+    mix; records each case under ``key`` and fails the step on any error over the bound."""
     for dtype, head_dim, causal in itertools.product(sizes.dtypes, sizes.head_dims, (False, True)):
-        for mix, len_q, len_k in rel_mixes:
-            errors = compare_rel_pos_with_reference(
+        for mix, len_q, len_k in mixes:
+            errors = compare(
                 len_q, len_k, head_dim, DTYPES[dtype], causal, seed=0, heads=sizes.heads,
                 device=ctx.device,
             )  # fmt: skip
             mask = "causal" if causal else "full"
             ctx.append(
-                "rel_pos_cases",
+                key,
                 {
                     "dtype": dtype, "head_dim": head_dim, "mask": mask, "mix": mix,
                     "passed": all(e.passed for e in errors),
@@ -110,7 +96,7 @@ def accuracy(ctx: StepContext) -> None:
             for e in errors:
                 if not e.passed:
                     ctx.fail(
-                        f"rel_pos {dtype} D={head_dim} {mask} {mix}: {e.output} error "
+                        f"{label}{dtype} D={head_dim} {mask} {mix}: {e.output} error "
                         f"{e.kernel:.2e} > 2 x {e.torch:.2e} (plain PyTorch) + 1e-4"
                         + ("" if e.finite else ", non-finite values")
                     )

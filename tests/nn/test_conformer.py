@@ -150,17 +150,7 @@ def test_encoder_packed_equals_padded_and_alone_with_gradients(block_out_norm):
     x = features(LENGTHS).requires_grad_()
     y, layout = enc.forward_packed(x, seg)
     assert layout.segments.lengths == tuple(encoder_length(n) for n in LENGTHS)
-    y_pad, pad_layout = enc.forward_padded(seg.pad(x), seg)
-    close(layout.segments.unpad(y_pad), y)
-    for xi, yi in zip(seg.split(x), layout.segments.split(y), strict=True):
-        alone, _ = enc.forward_packed(xi, Segments.from_lengths([xi.shape[0]]))
-        close(yi, alone)
-    w = torch.randn_like(y)
-    params = list(enc.parameters())
-    g1 = torch.autograd.grad((y * w).sum(), [x, *params])
-    g2 = torch.autograd.grad((layout.segments.unpad(y_pad) * w).sum(), [x, *params])
-    for a, b in zip(g1, g2, strict=True):
-        close(a, b)
+    assert_padded_and_alone_equal_packed(enc, seg, x, y, layout)
 
 
 @pytest.mark.parametrize("canary", [False, True], ids=["default", "canary-eval"])
@@ -224,17 +214,7 @@ def test_canary_options_packed_equals_padded_and_alone_in_eval(options):
     seg = Segments.from_lengths(LENGTHS)
     x = features(LENGTHS).requires_grad_()
     y, layout = enc.forward_packed(x, seg)
-    y_pad, _ = enc.forward_padded(seg.pad(x, value=5.0), seg)
-    close(layout.segments.unpad(y_pad), y)
-    for xi, yi in zip(seg.split(x), layout.segments.split(y), strict=True):
-        alone, _ = enc.forward_packed(xi, Segments.from_lengths([xi.shape[0]]))
-        close(yi, alone)
-    w = torch.randn_like(y)
-    params = list(enc.parameters())
-    g1 = torch.autograd.grad((y * w).sum(), [x, *params])
-    g2 = torch.autograd.grad((layout.segments.unpad(y_pad) * w).sum(), [x, *params])
-    for a, b in zip(g1, g2, strict=True):
-        close(a, b)
+    assert_padded_and_alone_equal_packed(enc, seg, x, y, layout, pad_value=5.0)
 
 
 def test_frozen_batchnorm_keeps_utterances_apart_in_training():
@@ -277,3 +257,19 @@ def test_xscaling_multiplies_the_subsampling_output():
     y, _ = plain.forward_packed(x, seg)
     ys, _ = scaled.forward_packed(x, seg)
     close(ys, y * 4.0)  # sqrt(d_model = 16)
+
+
+def assert_padded_and_alone_equal_packed(enc, seg, x, y, layout, pad_value=0.0):
+    """The padded batch (padding filled with ``pad_value``) and each utterance alone give the
+    packed output ``y``; padded and packed give the same gradients for ``x`` and every weight."""
+    y_pad, _ = enc.forward_padded(seg.pad(x, value=pad_value), seg)
+    close(layout.segments.unpad(y_pad), y)
+    for xi, yi in zip(seg.split(x), layout.segments.split(y), strict=True):
+        alone, _ = enc.forward_packed(xi, Segments.from_lengths([xi.shape[0]]))
+        close(yi, alone)
+    w = torch.randn_like(y)
+    params = list(enc.parameters())
+    g1 = torch.autograd.grad((y * w).sum(), [x, *params])
+    g2 = torch.autograd.grad((layout.segments.unpad(y_pad) * w).sum(), [x, *params])
+    for a, b in zip(g1, g2, strict=True):
+        close(a, b)
