@@ -19,8 +19,9 @@ import torch
 from lhotse import CutSet, Recording
 from lhotse.dataset import DynamicCutSampler
 
+from speedasr.core.batch import PackedBatch, PaddedBatch
+from speedasr.core.segments import Segments
 from speedasr.data.audio import one_line
-from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset
 from speedasr.data.manifests import Reject, format_reason_counts
 from speedasr.data.tokenizer import Tokenizer
@@ -28,7 +29,6 @@ from speedasr.decoding import DecodingOptions, decode_encoded
 from speedasr.errors import UserError
 from speedasr.extras import EXTRAS, MissingExtraError
 from speedasr.nn.attention import BACKENDS
-from speedasr.nn.segments import Segments
 from speedasr.options import DTYPE_ALIASES, add_dtype_argument
 
 

@@ -105,7 +105,8 @@ def make_tiny_cuts(
 
 
 def _speak(text: str, seed: int, index: int, sampling_rate: int) -> tuple[np.ndarray, str]:
-    from speedasr.data.corpus import ACCENTS, SAMPLE_RATE, VARIANTS, UtterancePlan, speak
+    from speedasr.core.geometry import SAMPLE_RATE
+    from speedasr.data.corpus import ACCENTS, VARIANTS, UtterancePlan, speak
 
     if sampling_rate != SAMPLE_RATE:
         raise ValueError(f"speech=True writes {SAMPLE_RATE} Hz audio, not {sampling_rate}")

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from speedasr.core.geometry import SAMPLE_RATE
+
 if TYPE_CHECKING:
     from lhotse.cut import Cut
-
-SAMPLE_RATE = 16000
-"""Hz: the rate of the model's input features; audio at other rates is resampled to it."""
 
 
 class AudioLoadError(Exception):

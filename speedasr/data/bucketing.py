@@ -35,7 +35,8 @@ import numpy as np
 from lhotse.cut import Cut
 from lhotse.dataset.sampling.base import SamplingConstraint
 
-from speedasr.data.tokenizer import PROMPT_TOKENS, Tokenizer
+from speedasr.core.geometry import PROMPT_TOKENS
+from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
 
 BINS_FORMAT = "speedasr-bins-2d"

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from speedasr.data.audio import SAMPLE_RATE
+from speedasr.core.geometry import SAMPLE_RATE
 from speedasr.data.sentences import SentenceGenerator
 from speedasr.errors import UserError
 from speedasr.extras import require

@@ -18,8 +18,8 @@ import torch
 from lhotse import CutSet
 from lhotse.dataset import DynamicCutSampler
 
+from speedasr.core.batch import PackedBatch, PaddedBatch
 from speedasr.data.audio import AudioLoadError
-from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset, SpecAugmentConfig
 from speedasr.data.manifests import ValidationReport, load_cuts, validate_cuts
 from speedasr.data.nemo_tokenizer import AggregateTokenizer

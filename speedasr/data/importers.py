@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speedasr.data.audio import SAMPLE_RATE
+from speedasr.core.geometry import SAMPLE_RATE
 from speedasr.data.nemo_tokenizer import pnc_flag
 from speedasr.errors import UserError
 

@@ -38,13 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from speedasr.data.audio import (
-    SAMPLE_RATE,
-    AudioLoadError,
-    cut_recordings,
-    load_model_audio,
-    one_line,
-)
+from speedasr.core.geometry import SAMPLE_RATE
+from speedasr.data.audio import AudioLoadError, cut_recordings, load_model_audio, one_line
 from speedasr.data.importers import METADATA_ONLY_PREFIX
 from speedasr.errors import UserError
 

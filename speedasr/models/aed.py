@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
-from speedasr.data.padding import encoder_length
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.core.geometry import N_MELS, SUBSAMPLING_FACTORS, encoder_length
+from speedasr.core.segments import Segments
 from speedasr.nn.attention import REL_POS_BACKENDS
-from speedasr.nn.conformer import SUBSAMPLING_FACTORS, ConformerEncoder
+from speedasr.nn.conformer import ConformerEncoder
 from speedasr.nn.ctc_alignment import ctc_token_frames
 from speedasr.nn.decoder import TransformerDecoder
 from speedasr.nn.filterbank import NemoFilterbank
 from speedasr.nn.guided_attention import AlignmentPrior
 from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
-from speedasr.nn.segments import Segments
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ModelConfig:
     """Tokenizer vocabulary, special tokens included (set from the tokenizer at training time)."""
     pad_id: int = 0
     """Tokenizer pad id: padded token positions in padded batches, and the CTC blank."""
-    n_mels: int = 80
+    n_mels: int = N_MELS
     """Input features per frame (log-mel bins). The one setting of the features: training data
     (``AsrDataset(n_mels=...)``, via the run's data module) and inference (the checkpoint's
     config) extract exactly this many bins."""

@@ -32,7 +32,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from speedasr.data.padding import encoder_length, num_input_frames
+from speedasr.core.geometry import encoder_length, num_input_frames
 from speedasr.errors import UserError
 from speedasr.models.aed import ModelConfig
 from speedasr.models.sizing import (

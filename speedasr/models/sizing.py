@@ -19,9 +19,8 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, replace
 
+from speedasr.core.geometry import PROMPT_TOKENS, num_input_frames
 from speedasr.data.nemo_tokenizer import PROMPT_LENGTHS
-from speedasr.data.padding import num_input_frames
-from speedasr.data.tokenizer import PROMPT_TOKENS
 from speedasr.errors import UserError
 from speedasr.models.aed import ModelConfig
 from speedasr.options import add_config_overrides

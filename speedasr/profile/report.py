@@ -19,7 +19,8 @@ from speedasr.errors import UserError
 from speedasr.extras import require
 
 METRICS_FILE = "metrics.csv"
-SHAPES_FILE = "batch_shapes.jsonl"  # same name as speedasr.train.callbacks.SHAPES_FILE
+SHAPES_FILE = "batch_shapes.jsonl"
+"""Where ``speedasr.train.callbacks.PaddingMonitor`` samples batch shapes, next to the metrics."""
 PREFIXES = ("padding/", "throughput/", "gpu/")
 PADDING_AXES = (
     "frames", "encoder_frames", "tokens", "attention",

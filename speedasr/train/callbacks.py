@@ -29,10 +29,12 @@ from typing import Any
 import torch
 from pytorch_lightning import LightningModule, Trainer
 
-from speedasr.data.padding import PaddingStats, encoder_length
+from speedasr.core.geometry import GIB, encoder_length
+from speedasr.data.padding import PaddingStats
 from speedasr.profile.batch_lengths import BatchLengths, PendingLengths, default_batch_lengths
 from speedasr.profile.flops import peak_flops
-from speedasr.profile.gpu import GIB, GPUSampler, GPUSampleSource, NvmlSource, UtilizationWindow
+from speedasr.profile.gpu import GPUSampler, GPUSampleSource, NvmlSource, UtilizationWindow
+from speedasr.profile.report import SHAPES_FILE
 from speedasr.profile.step_logger import BatchLengthsFn, StepLogger, log_dir
 
 __all__ = [
@@ -45,7 +47,6 @@ __all__ = [
     "default_batch_lengths",
 ]
 
-SHAPES_FILE = "batch_shapes.jsonl"
 """Per-batch shape samples written by ``PaddingMonitor`` next to the logger's metrics file."""
 
 PADDING_AXES = {

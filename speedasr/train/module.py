@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from speedasr.checkpoint import tokenizer_from_state
-from speedasr.data.batch import PackedBatch, PaddedBatch
+from speedasr.core.batch import PackedBatch, PaddedBatch
 from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.decoding import DecodingOptions

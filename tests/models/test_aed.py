@@ -3,9 +3,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.segments import Segments
 from speedasr.models.aed import AEDModel, ModelConfig
-from speedasr.nn.segments import Segments
 
 EOT, VOCAB = 1, 40
 

@@ -7,9 +7,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from speedasr.cli import main
-from speedasr.data.batch import PaddedBatch
+from speedasr.core.batch import PaddedBatch
+from speedasr.core.geometry import num_input_frames
+from speedasr.core.segments import Segments
 from speedasr.data.nemo_tokenizer import AggregateTokenizer
-from speedasr.data.padding import num_input_frames
 from speedasr.errors import UserError
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.models.sizing import (
@@ -22,7 +23,6 @@ from speedasr.models.sizing import (
 )
 from speedasr.nemo.archive import read_nemo
 from speedasr.nemo.import_nemo import tokenizer_state
-from speedasr.nn.segments import Segments
 
 
 def real_counts(cfg: ModelConfig) -> tuple[int, int, int]:

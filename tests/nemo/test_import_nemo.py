@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from speedasr.cli import main
+from speedasr.core.segments import Segments
 from speedasr.decoding.greedy import GreedySearch
 from speedasr.decoding.options import DecodingOptions
 from speedasr.errors import UserError
 from speedasr.nemo.archive import read_nemo
 from speedasr.nemo.import_nemo import import_nemo, load_imported
-from speedasr.nn.segments import Segments
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "nemo"
 NEMO = FIXTURE / "canary_tiny.nemo"
