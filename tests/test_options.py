@@ -97,7 +97,7 @@ def test_overrides_are_typed_from_the_dataclass_fields():
 
 def test_config_keys_recurse_into_nested_dataclasses():
     from speedasr.config import TrainConfig
-    from speedasr.data.datamodule import DataConfig
+    from speedasr.train.datamodule import DataConfig
 
     sections = dataclass_sections(TrainConfig)  # what calibrate and bench convergence take
     assert sections["data"] is DataConfig and sections["model"] is ModelConfig

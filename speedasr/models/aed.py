@@ -212,20 +212,6 @@ class ModelConfig:
     def dec_heads(self) -> int:
         return self.decoder_heads or self.encoder_heads
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> ModelConfig:
-        """A named preset (``speedasr.models.sizing.PRESETS``) with fields overridden."""
-        from speedasr.models.sizing import preset
-
-        return preset(name, **overrides)
-
-    @classmethod
-    def from_budget(cls, params: float, encoder_share: float = 0.85, **kwargs) -> ModelConfig:
-        """A config of about ``params`` parameters with ``encoder_share`` of them in the encoder."""
-        from speedasr.models.sizing import config_from_budget
-
-        return config_from_budget(params, encoder_share, **kwargs)
-
 
 @dataclass
 class AEDOutput:

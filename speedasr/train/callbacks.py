@@ -34,7 +34,7 @@ from speedasr.data.padding import PaddingStats
 from speedasr.profile.batch_lengths import BatchLengths, PendingLengths, default_batch_lengths
 from speedasr.profile.flops import peak_flops
 from speedasr.profile.gpu import GPUSampler, GPUSampleSource, NvmlSource, UtilizationWindow
-from speedasr.profile.report import SHAPES_FILE
+from speedasr.profile.logs import SHAPES_FILE
 from speedasr.profile.step_logger import BatchLengthsFn, StepLogger, log_dir
 
 __all__ = [

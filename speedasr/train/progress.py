@@ -7,7 +7,7 @@ Two things make a resumed run diverge from an uninterrupted one, and this module
   batches on resume. Instead ``TrainingProgress`` tells the datamodule when a batch *starts a
   training step*; the datamodule saves that batch's ``(epoch, batches consumed)`` in the
   checkpoint and, on resume, fast-forwards a fresh sampler of the same epoch and seed by exactly
-  that many batches, or starts the next epoch if none is left (``speedasr.data.datamodule``).
+  that many batches, or starts the next epoch if none is left (``speedasr.train.datamodule``).
 * **Randomness.** Dropout draws from torch's global generator, whose state after N steps depends on
   everything that ran before (including prefetching). ``TrainingProgress`` reseeds it at the start
   of every training batch from ``(seed, epoch, batch index, rank)``, so a batch's dropout masks do

@@ -341,7 +341,7 @@ def build_data_and_model_config(cfg, report_dir: Path | None = None, pretrained=
     NeMo's with the checkpoint's tables) and the model's vocabulary is the tokenizer's (with
     ``init_from``: the checkpoint's tokenizer). ``pretrained``: ``cfg.init_from`` already read."""
     from speedasr.checkpoint import tokenizer_from_state
-    from speedasr.data.datamodule import AsrDataModule
+    from speedasr.train.datamodule import AsrDataModule
     from speedasr.train.pretrained import frontend_for, read_pretrained
 
     if pretrained is None and cfg.init_from:
@@ -392,7 +392,7 @@ def check_attention_backend_runs(backend: str, accelerator) -> None:
     import torch
     from pytorch_lightning.accelerators import Accelerator, CUDAAccelerator
 
-    from speedasr.inference import check_attention_backend
+    from speedasr.nn.attention import check_attention_backend
 
     if isinstance(accelerator, Accelerator):
         device = "cuda" if isinstance(accelerator, CUDAAccelerator) else type(accelerator).__name__

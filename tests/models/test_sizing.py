@@ -109,7 +109,7 @@ def test_budget_planner_recovers_canary_shapes():
 
 def test_preset_overrides_and_unknown_preset():
     assert preset("tiny", vocab_size=1024).vocab_size == 1024
-    assert ModelConfig.preset("canary-1b-flash").encoder_layers == 32
+    assert preset("canary-1b-flash").encoder_layers == 32
     with pytest.raises(UserError, match="unknown model preset"):
         preset("canary-7b")
 

@@ -284,8 +284,8 @@ def test_eval_reads_the_nemo_front_end(imported, ref, tmp_path):
     import soundfile as sf
 
     from speedasr.checkpoint import load_model
+    from speedasr.decoding.transcribe import cuts_from_audio
     from speedasr.evaluate import evaluate
-    from speedasr.inference import cuts_from_audio
 
     out, _, _ = imported
     loaded = load_model(out / "model.ckpt")
