@@ -206,7 +206,7 @@ def train_strategy(cfg, strategy: str, shared, initial: dict, result: RunResult,
     from speedasr.train.datamodule import AsrDataModule
     from speedasr.train.faults import FaultMonitor  # skips non-finite steps, as in training
     from speedasr.train.module import AsrModule
-    from speedasr.train.progress import TrainingProgress
+    from speedasr.train.resume import TrainingProgress
 
     pl.seed_everything(result.seed, workers=True, verbose=False)
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):

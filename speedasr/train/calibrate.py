@@ -40,7 +40,7 @@ import torch
 from speedasr.core.geometry import FRAMES_PER_SECOND, GIB
 from speedasr.errors import UserError
 from speedasr.options import add_config_overrides, dataclass_sections
-from speedasr.train.progress import release_free_heap
+from speedasr.train.host_memory import release_free_heap
 
 log = logging.getLogger(__name__)
 

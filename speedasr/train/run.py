@@ -194,9 +194,9 @@ def train(cfg, config_yaml: str | None = None) -> int:
         log_run_config,
         resolve_resume,
     )
+    from speedasr.train.host_memory import limit_heap_arenas
     from speedasr.train.module import AsrModule
     from speedasr.train.pretrained import check_fits, load_pretrained_weights, read_pretrained
-    from speedasr.train.progress import limit_heap_arenas
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not cfg.data.train_cuts:

@@ -22,8 +22,7 @@ import torch
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.testing import make_metadata_cuts, make_tiny_cuts, tiny_texts
-from speedasr.train.datamodule import ResumableSampler
-from speedasr.train.progress import batch_seed
+from speedasr.train.resume import ResumableSampler, batch_seed
 
 EPOCHS, BATCHES = 3, 5  # 14 tiny cuts pack into 5 batches per epoch
 STEPS = EPOCHS * BATCHES
