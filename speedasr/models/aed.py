@@ -11,7 +11,7 @@ with an optional CTC loss on the encoder (``ctc_weight``; blank = pad id), both 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -204,6 +204,11 @@ class ModelConfig:
         """Encoder frames of an input of ``num_frames`` feature frames."""
         return encoder_length(num_frames, self.subsampling_stages)
 
+    def with_vocabulary(self, tokenizer) -> ModelConfig:
+        """This config with ``tokenizer``'s vocabulary size and padding id: the one place a run's
+        model config takes its vocabulary from the tokenizer (train, calibrate)."""
+        return replace(self, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+
     @property
     def dec_d_model(self) -> int:
         return self.decoder_d_model or self.d_model
@@ -307,8 +312,6 @@ class AEDModel(nn.Module):
         Padded: ``tokens (B, L)``, ``enc (B, T', D)`` -> ``(B, L, V)``.
         """
         return self.decoder.logits(self._decoder_hidden(tokens, token_segments, enc, enc_segments))
-
-    decode_logits_padded = decode_logits  # the layout follows ``tokens.ndim``; kept for callers
 
     def _layouts(
         self,

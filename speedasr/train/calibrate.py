@@ -335,10 +335,7 @@ def model_and_tokenizer(cfg):
     if not cfg.data.tokenizer:
         raise UserError("config key data.tokenizer is not set (nor init_from)")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
-    model_cfg = type(cfg.model)(
-        **{**cfg.model.__dict__, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
-    )
-    return model_cfg, tokenizer
+    return cfg.model.with_vocabulary(tokenizer), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

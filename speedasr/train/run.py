@@ -356,12 +356,7 @@ def build_data_and_model_config(cfg, report_dir: Path | None = None, pretrained=
     if pretrained is not None:
         # The checkpoint's vocabulary: NeMo pads it to a multiple of 8 past the tokenizer's.
         return datamodule, model_cfg
-    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
-        model_cfg = type(model_cfg)(
-            **{**model_cfg.__dict__, "vocab_size": datamodule.tokenizer.vocab_size,
-               "pad_id": datamodule.tokenizer.pad_id}
-        )  # fmt: skip
-    return datamodule, model_cfg
+    return datamodule, model_cfg.with_vocabulary(datamodule.tokenizer)
 
 
 def check_trainer_config(trainer) -> None:

@@ -117,7 +117,7 @@ def test_preset_overrides_and_unknown_preset():
 def test_model_info_command(capsys):
     assert main(["model", "info", "tiny", "canary-1b-flash"]) == 0
     out = capsys.readouterr().out
-    assert "canary-1b-flash" in out and "883.0M" in out and "tiny" in out
+    assert "canary-1b-flash" in out and "883M" in out and "tiny" in out
     assert main(["model", "info", "--budget", "20M", "--encoder-share", "0.8", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["budget-20M"]
     assert info["params_total"] == count_parameters(ModelConfig(**info["config"])).total
