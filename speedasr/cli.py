@@ -27,7 +27,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "validate"), "speedasr.data.manifests", "validate a cutset, write a rejects report"),
     (("data", "export-shar"), "speedasr.data.shar", "export a cutset to lhotse Shar shards"),
     (("tokenizer", "train"), "speedasr.data.tokenizer_cli", "train a sentencepiece tokenizer"),
-    (("bins",), "speedasr.data.bucketing", "estimate 2D (duration x tokens) bucket bins"),
+    (("bins",), "speedasr.data.bins_cli", "estimate 2D (duration x tokens) bucket bins"),
     (("model", "info"), "speedasr.models.sizing", "parameters and FLOPs of a model preset/config"),
     (("plan",), "speedasr.models.planner", "compute-budget planner for model size and shape"),
     (("train",), "speedasr.train.run", "train a model from a YAML config"),
