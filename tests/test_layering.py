@@ -276,6 +276,41 @@ def test_every_module_has_a_layer():
         layer_of(name)
 
 
+def test_the_checks_see_what_they_must(tmp_path):
+    """On a small tree: a lazy upward import, a sideways one, a circle through function-level
+    imports, a type-only import (direction only) and a copied constant are all reported."""
+    files = {
+        "speedasr/__init__.py": "",
+        "speedasr/core/__init__.py": "",
+        "speedasr/core/geometry.py": "SAMPLE_RATE = 16000\n",
+        "speedasr/data/__init__.py": "",
+        "speedasr/data/a.py": "def f():\n    from speedasr.train import b\n",
+        "speedasr/data/c.py": "from ..nn import d\nSAMPLE_RATE = 16000\n",
+        "speedasr/nn/__init__.py": "",
+        "speedasr/nn/d.py": "def g():\n    import speedasr.nn.e\n",
+        "speedasr/nn/e.py": "import speedasr.nn.d\n",
+        "speedasr/train/__init__.py": "",
+        "speedasr/train/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from speedasr.cli import x\n",
+        "kernels/__init__.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = imports(tmp_path)
+    bad = upward_imports(found)
+    assert any("speedasr.data.a (line 2) imports speedasr.train.b" in b for b in bad)
+    assert any(
+        "speedasr.data.c (line 1) imports speedasr.nn.d" in b and "sideways" in b for b in bad
+    )
+    assert any("speedasr.train.b (line 3) imports speedasr.cli" in b for b in bad)
+    assert circles(found) == [["speedasr.nn.d", "speedasr.nn.e"]]
+    assert duplicated_constants(tmp_path) == [
+        "SAMPLE_RATE is defined in 2 places: speedasr.core.geometry.SAMPLE_RATE, "
+        "speedasr.data.c.SAMPLE_RATE"
+    ]
+
+
 def report(repo: Path) -> str:
     found = imports(repo)
     up = upward_imports(found)
