@@ -20,13 +20,13 @@ from speedasr.options import ArgumentParser
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (
         ("data", "synth"),
-        "speedasr.data.corpus",
+        "speedasr.prep.corpus",
         "synthesize the embedded speech corpus (eSpeak NG)",
     ),
-    (("data", "import"), "speedasr.data.importers", "import NeMo JSON-lines or TSV manifests"),
+    (("data", "import"), "speedasr.prep.importers", "import NeMo JSON-lines or TSV manifests"),
     (("data", "validate"), "speedasr.data.manifests", "validate a cutset, write a rejects report"),
-    (("data", "export-shar"), "speedasr.data.shar", "export a cutset to lhotse Shar shards"),
-    (("tokenizer", "train"), "speedasr.data.tokenizer_cli", "train a sentencepiece tokenizer"),
+    (("data", "export-shar"), "speedasr.prep.shar_export", "export a cutset to lhotse Shar shards"),
+    (("tokenizer", "train"), "speedasr.prep.tokenizer_cli", "train a sentencepiece tokenizer"),
     (("bins",), "speedasr.data.bins_cli", "estimate 2D (duration x tokens) bucket bins"),
     (("model", "info"), "speedasr.models.sizing", "parameters and FLOPs of a model preset/config"),
     (("plan",), "speedasr.models.planner", "compute-budget planner for model size and shape"),

@@ -99,8 +99,8 @@ def model_config(sizes: TrainingSizes, backend: str, pad_id: int = 0):
 def make_data(ctx: StepContext) -> None:
     from lhotse import CutSet
 
-    from speedasr.data.corpus import synthesize_corpus
     from speedasr.data.tokenizer import Tokenizer
+    from speedasr.prep.corpus import synthesize_corpus
 
     sizes = _sizes(ctx)
     workers = max(1, min(16, os.cpu_count() or 1))

@@ -169,7 +169,7 @@ def test_audio_module_imports_neither_dataset_nor_manifests_and_is_the_one_sampl
         "import sys, speedasr.data.audio as audio\n"
         "loaded = {'speedasr.data.dataset', 'speedasr.data.manifests'} & set(sys.modules)\n"
         "assert not loaded, loaded\n"
-        "import speedasr.data.corpus as corpus, speedasr.data.importers as importers\n"
+        "import speedasr.prep.corpus as corpus, speedasr.prep.importers as importers\n"
         "from speedasr.core.geometry import SAMPLE_RATE\n"
         "assert corpus.SAMPLE_RATE is importers.SAMPLE_RATE is audio.SAMPLE_RATE is SAMPLE_RATE\n"
         "assert SAMPLE_RATE == 16000\n"

@@ -16,7 +16,7 @@ from speedasr.data.bucketing import (
     estimate_text_tokens,
 )
 from speedasr.data.constraints import Bucket2DConstraint
-from speedasr.data.importers import metadata_only_cut as metadata_cut
+from speedasr.data.manifests import metadata_only_cut as metadata_cut
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
 
