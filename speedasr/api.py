@@ -1,8 +1,8 @@
 """The Python API: ``speedasr.load(ckpt)`` -> ``Transcriber``; ``transcribe(inputs)`` -> texts.
 
 A thin layer over the code ``speedasr transcribe`` runs (``speedasr.checkpoint.load_model``,
-``speedasr.inference.iterate_batches`` / ``transcribe_batch``, ``speedasr.decoding``), so a text
-from the API is the text the command prints for the same checkpoint, audio and options. Inputs
+``speedasr.decoding.transcribe``'s ``iterate_batches`` / ``transcribe_batch``), so a text from
+the API is the text the command prints for the same checkpoint, audio and options. Inputs
 become lhotse cuts first: audio files as ``speedasr transcribe`` reads them, arrays as in-memory
 WAV recordings at their own rate (float32 WAV is lossless), so every input is resampled to the
 model's 16 kHz by the one loading path, ``speedasr.data.audio.load_model_audio``.
@@ -23,16 +23,10 @@ import torch
 
 from speedasr.checkpoint import LoadedModel, load_model
 from speedasr.decoding import DecodingOptions
+from speedasr.decoding.transcribe import feature_frontend, iterate_batches, transcribe_batch
 from speedasr.errors import UserError
-from speedasr.inference import (
-    DTYPES,
-    check_attention_backend,
-    feature_frontend,
-    inference_dtype,
-    iterate_batches,
-    transcribe_batch,
-)
-from speedasr.nn.attention import BACKENDS
+from speedasr.inference import DTYPES, inference_dtype
+from speedasr.nn.attention import BACKENDS, check_attention_backend
 
 if TYPE_CHECKING:
     from lhotse import CutSet
@@ -168,7 +162,7 @@ class Transcriber:
         from lhotse import CutSet
         from lhotse.cut import Cut
 
-        from speedasr.inference import cuts_from_audio
+        from speedasr.decoding.transcribe import cuts_from_audio
 
         if isinstance(inputs, (str, Path, np.ndarray, torch.Tensor, Cut)):
             inputs = [inputs]

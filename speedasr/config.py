@@ -13,9 +13,9 @@ import typing
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Union
 
-from speedasr.data.datamodule import DataConfig
 from speedasr.data.sampling import SamplerConfig
 from speedasr.models.aed import ModelConfig
+from speedasr.train.datamodule import DataConfig
 from speedasr.train.module import OptimConfig
 
 TRAINER_DEFAULTS: dict[str, Any] = {

@@ -52,12 +52,8 @@ def evaluate(model, tokenizer, cuts, options, batch_duration: float = 200.0,
              progress: bool = False) -> EvalResult:  # fmt: skip
     """Transcribe ``cuts`` (with reference texts) in order; the numbers ``speedasr eval`` prints."""
     from speedasr.console import progress_bar
-    from speedasr.inference import (
-        feature_frontend,
-        iterate_batches,
-        skipped_cuts,
-        transcribe_batch,
-    )
+    from speedasr.decoding.transcribe import feature_frontend, iterate_batches, transcribe_batch
+    from speedasr.inference import skipped_cuts
 
     result = EvalResult([], [], [], 0.0, 0.0, 0.0)
     bar = progress_bar(total=len(cuts), desc="eval", unit="utt", disable=not progress)

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedasr.data.audio import SAMPLE_RATE
-from speedasr.data.padding import encoder_length
+from speedasr.core.geometry import SAMPLE_RATE, encoder_length
 from speedasr.errors import UserError
 from speedasr.nn.attention_torch import masked_sdpa, relative_score_mask
 from speedasr.nn.relpos import relative_sinusoids

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -51,6 +52,29 @@ def add_dtype_argument(
     """``--dtype`` taking ``choices`` by canonical name or short alias; ``args.dtype`` is
     canonical. ``parser`` may be an argument group."""
     parser.add_argument("--dtype", type=dtype_name, choices=choices, default=default, help=help)
+
+
+# --- counts (parameters, FLOPs) -----------------------------------------------------------------
+def human_count(n: float) -> str:
+    """``1.03B``, ``30.3M``, ``512``: three significant digits."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(float(f"{n:.3g}")) >= scale:
+            return f"{float(f'{n / scale:.3g}'):g}{unit}"
+    return f"{n:.3g}"
+
+
+def parse_count(text: str, what: str) -> float:
+    """A positive count written ``30M``, ``1.5B``, ``2k`` or ``1e21`` (k, M, B or G, T: powers of
+    1000); ``UserError`` naming ``what`` (the flag) otherwise."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except (ValueError, KeyError):
+        raise UserError(f"cannot read {what} '{text}' (e.g. 30M, 1B, 1e21)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{what} must be a positive number, got '{text}'")
+    return value
 
 
 # --- config overrides ----------------------------------------------------------------------------

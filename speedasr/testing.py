@@ -18,7 +18,7 @@ import numpy as np
 
 def tiny_texts(n: int, seed: int = 0, max_words: int = 12) -> list[str]:
     """`n` sentences from the embedded corpus grammar (lowercase, no punctuation)."""
-    from speedasr.data.sentences import SentenceGenerator
+    from speedasr.prep.sentences import SentenceGenerator
 
     rng = random.Random(f"speedasr-testing-{seed}")
     generator = SentenceGenerator(rng)
@@ -105,7 +105,8 @@ def make_tiny_cuts(
 
 
 def _speak(text: str, seed: int, index: int, sampling_rate: int) -> tuple[np.ndarray, str]:
-    from speedasr.data.corpus import ACCENTS, SAMPLE_RATE, VARIANTS, UtterancePlan, speak
+    from speedasr.core.geometry import SAMPLE_RATE
+    from speedasr.prep.corpus import ACCENTS, VARIANTS, UtterancePlan, speak
 
     if sampling_rate != SAMPLE_RATE:
         raise ValueError(f"speech=True writes {SAMPLE_RATE} Hz audio, not {sampling_rate}")
@@ -138,11 +139,11 @@ def make_metadata_cuts(
 ):
     """`n` audio-less cuts: lognormal durations (seconds, clipped to [0.5, max_duration]) and
     texts whose word count grows with duration (about `words_per_second`). Loading their audio
-    raises; see `speedasr.data.importers.metadata_only_cut`."""
+    raises; see `speedasr.data.manifests.metadata_only_cut`."""
     from lhotse import CutSet
 
-    from speedasr.data.importers import metadata_only_cut
-    from speedasr.data.sentences import SentenceGenerator
+    from speedasr.data.manifests import metadata_only_cut
+    from speedasr.prep.sentences import SentenceGenerator
 
     rng = random.Random(f"speedasr-metadata-{seed}")
     generator = SentenceGenerator(rng)

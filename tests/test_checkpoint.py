@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from speedasr.checkpoint import load_model
+from speedasr.core.segments import Segments
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
 from speedasr.models.aed import AEDModel, ModelConfig
-from speedasr.nn.segments import Segments
 from speedasr.testing import tiny_texts
 from speedasr.train.run import check_resume_checkpoint
 

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import speedasr
 from speedasr.cli import main
-from speedasr.nn.segments import Segments
+from speedasr.core.segments import Segments
 from speedasr.testing import make_tiny_cuts, write_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

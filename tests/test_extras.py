@@ -103,7 +103,7 @@ def test_without_espeak_synth_is_one_line_naming_the_extra(monkeypatch, capsys, 
     )
     assert not out.exists()  # refused before writing anything
 
-    from speedasr.data.espeak import Espeak
+    from speedasr.prep.espeak import Espeak
 
     with pytest.raises(MissingExtraError, match=r"speedasr\[demo\]"):
         Espeak()  # the engine itself (speedasr.testing's speech=True cuts use it)

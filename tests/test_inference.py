@@ -157,7 +157,7 @@ def test_bad_input_is_one_line_error(argv, message, capsys):
 
 def test_training_validation_decodes_with_the_shared_transcribe_batch():
     import speedasr.train.module as module
-    from speedasr.inference import transcribe_batch
+    from speedasr.decoding.transcribe import transcribe_batch
 
     assert module.transcribe_batch is transcribe_batch
     assert Path(module.__file__).is_file()

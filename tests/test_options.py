@@ -17,6 +17,8 @@ from speedasr.options import (
     config_keys,
     dataclass_sections,
     dtype_name,
+    human_count,
+    parse_count,
     parse_overrides,
 )
 
@@ -97,7 +99,7 @@ def test_overrides_are_typed_from_the_dataclass_fields():
 
 def test_config_keys_recurse_into_nested_dataclasses():
     from speedasr.config import TrainConfig
-    from speedasr.data.datamodule import DataConfig
+    from speedasr.train.datamodule import DataConfig
 
     sections = dataclass_sections(TrainConfig)  # what calibrate and bench convergence take
     assert sections["data"] is DataConfig and sections["model"] is ModelConfig
@@ -128,3 +130,18 @@ def test_overrides_need_speedasr_parser():
 
     with pytest.raises(TypeError):
         add_config_overrides(argparse.ArgumentParser(), {"model": ModelConfig}, "")
+
+
+def test_counts_read_and_print_with_one_convention():
+    assert parse_count("30M", "--sizes entry") == 30e6
+    assert parse_count(" 1.5b ", "--budget") == 1.5e9 and parse_count("1e21", "--flops") == 1e21
+    for bad, message in (("lots", "cannot read --budget 'lots'"), ("-3M", "must be a positive")):
+        with pytest.raises(UserError, match=message):
+            parse_count(bad, "--budget")
+    assert [human_count(n) for n in (512, 30.3e6, 883.6e6, 1.03e9, 999.9e3)] == [
+        "512",
+        "30.3M",
+        "884M",
+        "1.03B",
+        "1M",
+    ]

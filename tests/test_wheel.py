@@ -102,7 +102,7 @@ def test_every_module_imports_from_the_installed_wheel(installed, tmp_path):
     elsewhere = {name: f for name, f in files.items() if not Path(f).is_relative_to(installed)}
     assert elsewhere == {}
     assert (installed / "speedasr/py.typed").is_file()
-    assert (installed / "speedasr/data/assets/corpus_words.txt").is_file()
+    assert (installed / "speedasr/prep/assets/corpus_words.txt").is_file()
 
 
 @pytest.mark.slow

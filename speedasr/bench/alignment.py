@@ -24,13 +24,13 @@ from dataclasses import asdict
 
 import torch
 
+from speedasr.core.geometry import N_MELS, SUBSAMPLING_FACTOR
 from speedasr.models.aed import ModelConfig
 from speedasr.options import add_config_overrides
 
 PAD_ID, SOT_ID, EOT_ID = 0, 1, 2
 """Pad (and CTC blank), start of transcript (the one-token prompt), end of text."""
 FIRST_TEXT_ID = 3
-INPUT_FRAMES_PER_ENCODER_FRAME = 8  # the encoder's subsampling
 
 
 class OracleTask:
@@ -60,15 +60,15 @@ class OracleTask:
         """``(T, n_mels)``: 1-3 encoder frames of each token's prototype plus noise."""
         rows = []
         for token in transcript:
-            frames = INPUT_FRAMES_PER_ENCODER_FRAME * int(torch.randint(1, 4, (), generator=gen))
+            frames = SUBSAMPLING_FACTOR * int(torch.randint(1, 4, (), generator=gen))
             noise = self.noise * torch.randn(frames, self.n_mels, generator=gen)
             rows.append(self.prototypes[token].expand(frames, -1) + noise)
         return torch.cat(rows)
 
     def batch(self, transcripts: list[list[int]], gen: torch.Generator):
         """A ``PackedBatch``: prompt ``[SOT]``, targets ``text + [EOT]``."""
-        from speedasr.data.batch import PackedBatch
-        from speedasr.nn.segments import Segments
+        from speedasr.core.batch import PackedBatch
+        from speedasr.core.segments import Segments
 
         feats = [self.features(t, gen) for t in transcripts]
         tokens = [[SOT_ID, *t] for t in transcripts]
@@ -112,7 +112,7 @@ def run_probe(args: argparse.Namespace, overrides: dict, log=print) -> list[dict
     """Train ``args.steps`` updates; measure at every ``args.eval_every`` and at the end."""
     from speedasr.models.aed import AEDModel
 
-    task = OracleTask(args.text_tokens, n_mels=80, noise=args.noise, seed=args.seed)
+    task = OracleTask(args.text_tokens, n_mels=N_MELS, noise=args.noise, seed=args.seed)
     train, held_out = task.transcripts(args.transcripts), task.transcripts(args.eval_utterances)
     eval_batch = task.batch(held_out, torch.Generator().manual_seed(args.seed + 1))
     base = dict(

@@ -203,10 +203,10 @@ def with_fields(cfg, **changes):
 def train_strategy(cfg, strategy: str, shared, initial: dict, result: RunResult, progress) -> None:
     """Train ``cfg`` (one strategy's config) from the ``initial`` weights, recording into
     ``result``. ``shared`` is a set-up ``AsrDataModule`` whose validated cuts are reused."""
-    from speedasr.data.datamodule import AsrDataModule
+    from speedasr.train.datamodule import AsrDataModule
     from speedasr.train.faults import FaultMonitor  # skips non-finite steps, as in training
     from speedasr.train.module import AsrModule
-    from speedasr.train.progress import TrainingProgress
+    from speedasr.train.resume import TrainingProgress
 
     pl.seed_everything(result.seed, workers=True, verbose=False)
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
@@ -242,8 +242,8 @@ def run_benchmark(
     base, strategies, budget: float, repeats: int, metric: str, target: float, progress=print
 ) -> list[RunResult]:
     """Every strategy's run, ``repeats`` times, alternating strategies within each repeat."""
-    from speedasr.data.datamodule import AsrDataModule
     from speedasr.models.aed import AEDModel
+    from speedasr.train.datamodule import AsrDataModule
 
     shared = AsrDataModule(base.data, base.sampler, n_mels=base.model.n_mels, seed=base.seed)
     shared.setup("fit")

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from speedasr.bench.gpu_step import StepContext
-from speedasr.data.tokenizer import PROMPT_TOKENS
+from speedasr.core.geometry import ENCODER_FRAMES_PER_SECOND, PROMPT_TOKENS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ENCODER_FRAMES_PER_SECOND = 12.5
 TOKENS_PER_SECOND = 4.0  # as speedasr.models.sizing.training_flops_per_audio_second assumes
 MISMATCH = 0.1
 """A backend whose output differs from Triton's by more than this (max-abs, on rows that see a key)

@@ -99,8 +99,8 @@ def model_config(sizes: TrainingSizes, backend: str, pad_id: int = 0):
 def make_data(ctx: StepContext) -> None:
     from lhotse import CutSet
 
-    from speedasr.data.corpus import synthesize_corpus
     from speedasr.data.tokenizer import Tokenizer
+    from speedasr.prep.corpus import synthesize_corpus
 
     sizes = _sizes(ctx)
     workers = max(1, min(16, os.cpu_count() or 1))
@@ -137,8 +137,8 @@ def _data(ctx: StepContext):
 
 def flops_per_audio_second(cuts, tokenizer, cfg) -> float:
     """Training FLOPs of the corpus's real content per second of audio."""
+    from speedasr.core.geometry import num_input_frames
     from speedasr.data.bucketing import TokenCounter
-    from speedasr.data.padding import num_input_frames
     from speedasr.models.sizing import count_flops
 
     tokens = TokenCounter(tokenizer)
@@ -276,7 +276,7 @@ def render_training(results: dict) -> list[str]:
 
 
 def calibrate(ctx: StepContext) -> None:
-    from speedasr.data.tokenizer import PROMPT_TOKENS
+    from speedasr.core.geometry import PROMPT_TOKENS
     from speedasr.train.calibrate import (
         Calibrator,
         CpuMemoryLimit,

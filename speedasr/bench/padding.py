@@ -41,13 +41,14 @@ from typing import Any
 import numpy as np
 from lhotse import CutSet
 
+from speedasr.core.geometry import num_input_frames
 from speedasr.data.bucketing import BucketBins, TokenCounter, estimate_bins, measure_cuts
-from speedasr.data.importers import import_tsv, metadata_only_cut
-from speedasr.data.manifests import ValidationReport, validate_cuts
-from speedasr.data.padding import PaddingStats, batch_padding, num_input_frames
+from speedasr.data.manifests import ValidationReport, metadata_only_cut, validate_cuts
+from speedasr.data.padding import PaddingStats, batch_padding
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
+from speedasr.prep.importers import import_tsv
 
 STRATEGIES = ("random", "bucket1d", "bucket2d", "packed")
 

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from speedasr.bench.paired import median_paired_ratio, run_interleaved
+from speedasr.data.bucketing import CHARS_PER_TOKEN
 from speedasr.errors import UserError
 from speedasr.options import add_dtype_argument
 
 DEFAULT_SPLITS = "balanced=10/10,deep=16/2"
 """Canary-1B (24/24) vs Canary-1B-flash (32/4) scaled down to equal parameters at width 256:
 10 + 10 layers hold ~390 d^2 weights, 16 + 2 ~400 d^2 (+3%)."""
-CHARS_PER_TOKEN = 3.0
 """Reference length without a tokenizer: BPE with a few hundred pieces on English text."""
 
 
@@ -131,8 +131,8 @@ def time_pass(
     """One timed pass over all utterances in batches of ``batch_size``: seconds in the encoder,
     in decoding, and the number of sequential decoder steps (``cache=False``: the uncached
     reference decoder, which re-runs the whole prefix at every step)."""
+    from speedasr.core.segments import Segments
     from speedasr.decoding import DecodingOptions, decode_encoded
-    from speedasr.nn.segments import Segments
 
     options = DecodingOptions(ignore_eot=True, use_cache=cache)
     enc_s = dec_s = 0.0

@@ -1,9 +1,9 @@
 """The audio the model hears: 16 kHz mono, from any sampling rate and channel count.
 
 ``load_model_audio`` is the one loading path of training, validation, ``eval``, ``transcribe``
-and ``data validate --check-audio full``; ``SAMPLE_RATE`` is the one home of the model's rate
-(synthesis and importers write and assume it too). Imports no other speedasr data module, so the
-dataset and the manifest checks can both use it.
+and ``data validate --check-audio full``, at ``speedasr.core.geometry.SAMPLE_RATE`` (the one home of
+the model's rate; synthesis and importers write and assume it too). Imports no other speedasr data
+module, so the dataset and the manifest checks can both use it.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from speedasr.core.geometry import SAMPLE_RATE
+
 if TYPE_CHECKING:
     from lhotse.cut import Cut
-
-SAMPLE_RATE = 16000
-"""Hz: the rate of the model's input features; audio at other rates is resampled to it."""
 
 
 class AudioLoadError(Exception):

@@ -22,12 +22,13 @@ from lhotse.cut import Cut
 from lhotse.dataset import SpecAugment
 from lhotse.features import Fbank, FbankConfig
 
-from speedasr.data.audio import SAMPLE_RATE, AudioLoadError, load_model_audio
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.core.geometry import SAMPLE_RATE
+from speedasr.core.segments import Segments
+from speedasr.data.audio import AudioLoadError, load_model_audio
 from speedasr.data.nemo_tokenizer import AggregateTokenizer, pnc_flag
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
-from speedasr.nn.segments import Segments
 
 log = logging.getLogger(__name__)
 

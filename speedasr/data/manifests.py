@@ -38,14 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from speedasr.data.audio import (
-    SAMPLE_RATE,
-    AudioLoadError,
-    cut_recordings,
-    load_model_audio,
-    one_line,
-)
-from speedasr.data.importers import METADATA_ONLY_PREFIX
+from speedasr.core.geometry import SAMPLE_RATE
+from speedasr.data.audio import AudioLoadError, cut_recordings, load_model_audio, one_line
 from speedasr.errors import UserError
 
 # Rejection reasons, in the order they are checked.
@@ -68,6 +62,46 @@ REASONS = (
 LENGTH_TOLERANCE_SECONDS = 0.025
 
 CheckAudio = bool | Literal["none", "header", "full"]
+
+
+# Source path of metadata-only recordings: a relative path that is never created by anything.
+METADATA_ONLY_PREFIX = "<metadata-only: no audio>/"
+METADATA_ONLY_SOURCE = METADATA_ONLY_PREFIX + "{id}"
+
+
+def metadata_only_cut(cut_id: str, duration: float, text: str, language: str | None, **custom):
+    """A MonoCut whose recording has no audio: for benchmarks and tests that need only durations
+    and texts. Loading its audio raises (the source path never exists)."""
+    from lhotse import AudioSource, MonoCut, Recording, SupervisionSegment
+
+    num_samples = round(duration * SAMPLE_RATE)
+    duration = num_samples / SAMPLE_RATE
+    source = AudioSource(type="file", channels=[0], source=METADATA_ONLY_SOURCE.format(id=cut_id))
+    recording = Recording(
+        id=cut_id,
+        sources=[source],
+        sampling_rate=SAMPLE_RATE,
+        num_samples=num_samples,
+        duration=duration,
+    )
+    supervision = SupervisionSegment(
+        id=cut_id,
+        recording_id=cut_id,
+        start=0.0,
+        duration=duration,
+        channel=0,
+        text=text,
+        language=language,
+        custom=custom or None,
+    )
+    return MonoCut(
+        id=cut_id,
+        start=0.0,
+        duration=duration,
+        channel=0,
+        recording=recording,
+        supervisions=[supervision],
+    )
 
 
 def load_cuts(path: str | Path):

@@ -31,10 +31,10 @@ from lhotse.cut import Cut
 
 from speedasr.data.bucketing import (
     BucketBins,
-    Bucketed2DConstraint,
     TokenCounter,
     basic_reject_reason,
 )
+from speedasr.data.constraints import Bucketed2DConstraint
 
 
 @dataclass(frozen=True)

@@ -11,25 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-FRAME_SHIFT_SECONDS = 0.01
-"""Feature frame shift: lhotse's default fbank (25 ms window, 10 ms shift)."""
-
-
-def num_input_frames(duration_seconds: float, frame_shift: float = FRAME_SHIFT_SECONDS) -> int:
-    """Fbank frames of an utterance, as lhotse computes them (rounded, ``int(d / shift + 0.5)``)."""
-    return int(duration_seconds / frame_shift + 0.5)
-
-
-def encoder_length(num_frames: int, num_stages: int = 3) -> int:
-    """Encoder frames after ``num_stages`` stride-2 convolutions (kernel 3, padding 1).
-
-    Each stage maps T to ``floor((T + 2 - 3) / 2) + 1 = ceil(T / 2)``, so 3 stages give
-    ``ceil(T / 8)`` with ceiling at every stage. Any utterance with at least one input frame keeps
-    at least one encoder frame; zero frames stay zero.
-    """
-    for _ in range(num_stages):
-        num_frames = (num_frames + 1) // 2
-    return num_frames
+from speedasr.core.geometry import encoder_length
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Literal
 
 import sentencepiece as spm
 
+from speedasr.core.geometry import PROMPT_TOKENS
 from speedasr.errors import UserError
 
 PAD = "<pad>"
@@ -43,12 +44,6 @@ def task_token(task: str) -> str:
 def prompt_pieces(language: str, task: str, pnc: bool) -> list[str]:
     """speedasr's prompt: ``<|startoftranscript|> <|lang|> <|task|> <|pnc|>|<|nopnc|>``."""
     return [SOT, language_token(language), task_token(task), PNC if pnc else NOPNC]
-
-
-PROMPT_TOKENS = len(prompt_pieces("en", "transcribe", False))
-"""Length of speedasr's own prompt: what token counts assume where no tokenizer is known (bins
-without a tokenizer, ``model info``). With a tokenizer, ask it (``prompt_length``): NeMo's canary2
-prompt is 9 tokens."""
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
+from speedasr.core.geometry import ENCODER_FRAME_SECONDS
+from speedasr.core.segments import Segments
 from speedasr.decoding.beam import BeamSearch
 from speedasr.decoding.cache import KVCache
 from speedasr.decoding.ctc import CtcGreedySearch
 from speedasr.decoding.greedy import GreedySearch, UncachedGreedySearch
-from speedasr.decoding.options import (
-    ENCODER_FRAME_SECONDS,
-    GUARD_SLACK,
-    TOKENS_PER_SECOND_GUARD,
-    DecodingOptions,
-)
-from speedasr.nn.segments import Segments
+from speedasr.decoding.options import GUARD_SLACK, TOKENS_PER_SECOND_GUARD, DecodingOptions
 
 __all__ = [
     "BeamSearch", "CtcGreedySearch", "DecodingOptions", "GreedySearch", "KVCache",

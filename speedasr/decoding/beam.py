@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from speedasr.core.segments import Segments
 from speedasr.decoding.cache import KVCache, prefill, step
 from speedasr.decoding.ctc_prefix import CtcPrefixScorer
 from speedasr.decoding.options import DecodingOptions
-from speedasr.nn.segments import Segments
 
 
 class BeamSearch:

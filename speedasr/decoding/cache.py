@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from speedasr.core.segments import Segments
 from speedasr.nn.rotary import rotary_tables
-from speedasr.nn.segments import Segments
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from speedasr.core.segments import Segments
 from speedasr.decoding.options import DecodingOptions
-from speedasr.nn.segments import Segments
 
 
 class CtcGreedySearch:

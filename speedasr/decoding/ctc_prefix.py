@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from speedasr.nn.segments import Segments
+from speedasr.core.segments import Segments
 
 NEG_INF = float("-inf")
 

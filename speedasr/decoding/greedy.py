@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from speedasr.core.segments import Segments
 from speedasr.decoding.cache import KVCache, prefill, step
 from speedasr.decoding.options import DecodingOptions
-from speedasr.nn.segments import Segments
 
 
 class GreedySearch:

@@ -9,9 +9,6 @@ TOKENS_PER_SECOND_GUARD = 10.0
 """Default length guard: at most 10 tokens per second of audio (+ ``GUARD_SLACK``); BPE speech
 runs at 2-5 tokens/s, so only a looping hypothesis ever reaches it."""
 GUARD_SLACK = 8
-ENCODER_FRAME_SECONDS = 0.08
-"""Seconds per encoder frame (10 ms features, 8x subsampling): turns encoder lengths into audio
-seconds for the length guard without needing the durations."""
 
 
 @dataclass(frozen=True)

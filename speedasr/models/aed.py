@@ -11,23 +11,23 @@ with an optional CTC loss on the encoder (``ctc_weight``; blank = pad id), both 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
-from speedasr.data.padding import encoder_length
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.core.geometry import N_MELS, SUBSAMPLING_FACTORS, encoder_length
+from speedasr.core.segments import Segments
 from speedasr.nn.attention import REL_POS_BACKENDS
-from speedasr.nn.conformer import SUBSAMPLING_FACTORS, ConformerEncoder
+from speedasr.nn.conformer import ConformerEncoder
 from speedasr.nn.ctc_alignment import ctc_token_frames
 from speedasr.nn.decoder import TransformerDecoder
 from speedasr.nn.filterbank import NemoFilterbank
 from speedasr.nn.guided_attention import AlignmentPrior
 from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
-from speedasr.nn.segments import Segments
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ModelConfig:
     """Tokenizer vocabulary, special tokens included (set from the tokenizer at training time)."""
     pad_id: int = 0
     """Tokenizer pad id: padded token positions in padded batches, and the CTC blank."""
-    n_mels: int = 80
+    n_mels: int = N_MELS
     """Input features per frame (log-mel bins). The one setting of the features: training data
     (``AsrDataset(n_mels=...)``, via the run's data module) and inference (the checkpoint's
     config) extract exactly this many bins."""
@@ -204,6 +204,11 @@ class ModelConfig:
         """Encoder frames of an input of ``num_frames`` feature frames."""
         return encoder_length(num_frames, self.subsampling_stages)
 
+    def with_vocabulary(self, tokenizer) -> ModelConfig:
+        """This config with ``tokenizer``'s vocabulary size and padding id: the one place a run's
+        model config takes its vocabulary from the tokenizer (train, calibrate)."""
+        return replace(self, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+
     @property
     def dec_d_model(self) -> int:
         return self.decoder_d_model or self.d_model
@@ -211,20 +216,6 @@ class ModelConfig:
     @property
     def dec_heads(self) -> int:
         return self.decoder_heads or self.encoder_heads
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> ModelConfig:
-        """A named preset (``speedasr.models.sizing.PRESETS``) with fields overridden."""
-        from speedasr.models.sizing import preset
-
-        return preset(name, **overrides)
-
-    @classmethod
-    def from_budget(cls, params: float, encoder_share: float = 0.85, **kwargs) -> ModelConfig:
-        """A config of about ``params`` parameters with ``encoder_share`` of them in the encoder."""
-        from speedasr.models.sizing import config_from_budget
-
-        return config_from_budget(params, encoder_share, **kwargs)
 
 
 @dataclass
@@ -321,8 +312,6 @@ class AEDModel(nn.Module):
         Padded: ``tokens (B, L)``, ``enc (B, T', D)`` -> ``(B, L, V)``.
         """
         return self.decoder.logits(self._decoder_hidden(tokens, token_segments, enc, enc_segments))
-
-    decode_logits_padded = decode_logits  # the layout follows ``tokens.ndim``; kept for callers
 
     def _layouts(
         self,

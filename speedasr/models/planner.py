@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict, dataclass
 
-from speedasr.data.padding import encoder_length, num_input_frames
+from speedasr.core.geometry import encoder_length, num_input_frames
 from speedasr.errors import UserError
 from speedasr.models.aed import ModelConfig
 from speedasr.models.sizing import (
@@ -42,6 +41,7 @@ from speedasr.models.sizing import (
     count_parameters,
     training_flops_per_audio_second,
 )
+from speedasr.options import human_count, parse_count
 
 CANDIDATE_WIDTHS: tuple[tuple[int, int], ...] = (
     (144, 4), (192, 4), (256, 4), (384, 6), (512, 8), (768, 12), (1024, 16), (1280, 20),
@@ -168,11 +168,12 @@ def plan(
     for size in sizes:
         shapes = candidate_shapes(size, encoder_share, 2 * max_encoder_layers, **overrides)
         if not shapes:
-            raise UserError(f"no candidate shape fits {human(size)} parameters")
+            raise UserError(f"no candidate shape fits {human_count(size)} parameters")
         fitting = [c for c in shapes if c.encoder_layers <= max_encoder_layers]
         preferred = (fitting or shapes[-1:])[0]
         rows += [
-            _row(human(size), cfg, budget, corpus, many_epochs, cfg is preferred) for cfg in shapes
+            _row(human_count(size), cfg, budget, corpus, many_epochs, cfg is preferred)
+            for cfg in shapes
         ]
     return rows
 
@@ -207,26 +208,6 @@ def _row(
         encoder_share=p.encoder / p.total, flops_per_epoch=per_epoch, epochs=epochs, flag=flag,
         preferred=preferred,
     )  # fmt: skip
-
-
-def human(n: float) -> str:
-    """``1.03B``, ``30.3M``, ``512``: three significant digits."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(float(f"{n:.3g}")) >= scale:
-            return f"{float(f'{n / scale:.3g}'):g}{unit}"
-    return f"{n:.3g}"
-
-
-def _count(text: str, what: str) -> float:
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-    t = text.strip().lower()
-    try:
-        value = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
-    except (ValueError, KeyError):
-        raise UserError(f"cannot read {what} '{text}' (e.g. 30M, 1B, 1e21)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{what} must be a positive number, got '{text}'")
-    return value
 
 
 # --- command --------------------------------------------------------------------------------------
@@ -272,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.flops is None) == (args.gpu_hours is None):
         raise UserError("give the budget as exactly one of --flops or --gpu-hours")
     if args.flops is not None:
-        budget = Budget(_count(args.flops, "--flops"))
+        budget = Budget(parse_count(args.flops, "--flops"))
         source = f"{budget.flops:.3g} FLOPs"
     else:
         if args.peak_tflops is None:
@@ -284,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--encoder-share must be in (0, 1), got {args.encoder_share}")
     if args.vocab_size < 16:
         raise UserError(f"--vocab-size must be >= 16, got {args.vocab_size}")
-    sizes = [_count(s, "--sizes entry") for s in args.sizes.split(",") if s.strip()]
+    sizes = [parse_count(s, "--sizes entry") for s in args.sizes.split(",") if s.strip()]
     corpus = Corpus(args.corpus_hours, args.duration, args.tokens_per_second)
     rows = plan(budget, corpus, sizes, args.encoder_share, args.max_encoder_layers,
                 args.many_epochs, vocab_size=args.vocab_size)  # fmt: skip
@@ -300,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
           f"{'PFLOP/epoch':>12} {'epochs':>9}  flag")  # fmt: skip
     for r in rows:
         mark = "  <- preferred" if r.preferred else ""
-        print(f"{r.size:>6} {human(r.params):>8} {r.d_model:>7} {r.encoder_layers:>4} "
+        print(f"{r.size:>6} {human_count(r.params):>8} {r.d_model:>7} {r.encoder_layers:>4} "
               f"{r.decoder_layers:>4} {100 * r.encoder_share:>4.0f}% "
               f"{r.flops_per_epoch / 1e15:>12.3g} {r.epochs:>9.3g}  {r.flag}{mark}")  # fmt: skip
     print(

@@ -19,12 +19,11 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, replace
 
+from speedasr.core.geometry import PROMPT_TOKENS, num_input_frames
 from speedasr.data.nemo_tokenizer import PROMPT_LENGTHS
-from speedasr.data.padding import num_input_frames
-from speedasr.data.tokenizer import PROMPT_TOKENS
 from speedasr.errors import UserError
 from speedasr.models.aed import ModelConfig
-from speedasr.options import add_config_overrides
+from speedasr.options import add_config_overrides, human_count, parse_count
 
 
 def nemo_vocab_size(tokens: int) -> int:
@@ -295,17 +294,6 @@ def config_from_budget(params: float, encoder_share: float = 0.85, **overrides) 
 
 
 # --- command --------------------------------------------------------------------------------------
-def _parse_count(text: str) -> float:
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
-    text = text.strip().lower()
-    try:
-        if text and text[-1] in scale:
-            return float(text[:-1]) * scale[text[-1]]
-        return float(text)
-    except ValueError:
-        raise UserError(f"cannot read parameter count '{text}' (e.g. 3.5M, 180M, 1B)") from None
-
-
 def describe(
     cfg: ModelConfig, duration: float, tokens_per_second: float, prompt_tokens: int = PROMPT_TOKENS
 ) -> dict:
@@ -351,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         if args.budget:
             name = f"budget-{args.budget}"
             configs[name] = config_from_budget(
-                _parse_count(args.budget), args.encoder_share, **overrides
+                parse_count(args.budget, "--budget"), args.encoder_share, **overrides
             )
         for name in args.presets or ([] if args.budget else list(PRESETS)):
             configs[name] = preset(name, **overrides)
@@ -375,8 +363,8 @@ def run(args: argparse.Namespace) -> int:
         dims = f"{cfg.d_model}" + (f"/{cfg.dec_d_model}" if cfg.dec_d_model != cfg.d_model else "")
         print(
             f"{name:<20} {cfg.encoder_layers:>10} {cfg.decoder_layers:>10} {dims:>8} "
-            f"{_human(row['params_encoder']):>9} {_human(row['params_decoder']):>9} "
-            f"{_human(row['params_total']):>9} "
+            f"{human_count(row['params_encoder']):>9} {human_count(row['params_decoder']):>9} "
+            f"{human_count(row['params_total']):>9} "
             f"{_versus(row['params_total'], published):>18} "
             f"{row['train_gflops_per_audio_second']:>20.2f}"
         )
@@ -391,13 +379,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.{1 if unit == 'B' else 2 if n < 10 * scale else 1}f}{unit}"
-    return f"{n:.0f}"
-
-
 def _versus(ours: int, published: float | None) -> str:
-    """``"883.0M (-3.1%)"``: the published figure and how far our count is from it."""
-    return "-" if published is None else f"{_human(published)} ({ours / published - 1:+.1%})"
+    """``"883M (-3.1%)"``: the published figure and how far our count is from it."""
+    return "-" if published is None else f"{human_count(published)} ({ours / published - 1:+.1%})"

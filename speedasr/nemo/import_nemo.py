@@ -25,6 +25,7 @@ from typing import NamedTuple
 import sentencepiece as spm
 import torch
 
+from speedasr.core.geometry import SAMPLE_RATE
 from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.errors import UserError
 from speedasr.models.aed import AEDModel, ModelConfig
@@ -33,7 +34,6 @@ from speedasr.nn.filterbank import (
     NEMO_HOP_LENGTH,
     NEMO_N_FFT,
     NEMO_PREEMPHASIS,
-    NEMO_SAMPLE_RATE,
     NEMO_WIN_LENGTH,
 )
 from speedasr.nn.positions import sinusoidal_positions
@@ -96,10 +96,10 @@ def model_config(archive: NemoArchive, vocab_size: int, pad_id: int) -> ModelCon
     req(head, "head", "num_layers", 1, (1,), "one tied Linear")
     req(head, "head", "log_softmax", True, (True,), "log-probabilities")
     # The front end: speedasr.nn.filterbank computes Canary's settings only (docs/canary.md §3).
-    window = round(float(pre.get("window_size", 0.02)) * NEMO_SAMPLE_RATE)
-    hop = round(float(pre.get("window_stride", 0.01)) * NEMO_SAMPLE_RATE)
+    window = round(float(pre.get("window_size", 0.02)) * SAMPLE_RATE)
+    hop = round(float(pre.get("window_stride", 0.01)) * SAMPLE_RATE)
     for key, value, allowed in (
-        ("sample_rate", pre.get("sample_rate", 16000), (NEMO_SAMPLE_RATE,)),
+        ("sample_rate", pre.get("sample_rate", 16000), (SAMPLE_RATE,)),
         ("window_size (samples)", window, (NEMO_WIN_LENGTH,)),
         ("window_stride (samples)", hop, (NEMO_HOP_LENGTH,)),
         ("n_fft", pre.get("n_fft", NEMO_N_FFT), (NEMO_N_FFT,)),
@@ -113,7 +113,7 @@ def model_config(archive: NemoArchive, vocab_size: int, pad_id: int) -> ModelCon
         ("log_zero_guard_value", pre.get("log_zero_guard_value", 2**-24), (2**-24,)),
         ("mel_norm", pre.get("mel_norm", "slaney"), ("slaney",)),
         ("lowfreq", pre.get("lowfreq", 0), (0,)),
-        ("highfreq", pre.get("highfreq"), (None, NEMO_SAMPLE_RATE / 2)),
+        ("highfreq", pre.get("highfreq"), (None, SAMPLE_RATE / 2)),
     ):
         _require(path, f"preprocessor.{key}", value, allowed, "NeMo front end, §3")
     ff_mult = int(enc.get("ff_expansion_factor", 4))

@@ -25,9 +25,13 @@ without it (when q, k, v and both position tensors share a dtype the kernels sup
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Literal, NamedTuple
 
 import torch
+
+from speedasr.errors import UserError
+from speedasr.extras import EXTRAS, MissingExtraError
 
 AttentionBackend = Literal["auto", "torch", "triton", "flash_attn"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "flash_attn")
@@ -115,3 +119,38 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def check_attention_backend(
+    backend: str, cuda: bool, *, setting: str, device: str, instead: str
+) -> None:
+    """``UserError`` when the attention ``backend`` cannot run where the model will run (``cuda``:
+    on a CUDA device), so that it is said before any data is read: the backend itself fails only
+    at the first batch. The message is ``setting`` (what chose the backend), the problem (with
+    ``device``, the device in words) and ``instead`` (the setting that would run here)."""
+    if backend == "triton":
+        try:
+            flash_varlen = importlib.import_module("speedasr.kernels.flash_varlen")
+        except MissingExtraError:
+            distribution, extra = EXTRAS["triton"]
+            raise UserError(
+                f"{setting} needs {distribution}, which the core install leaves out (use "
+                f"{instead} without it): pip install 'speedasr[{extra}]'"
+            ) from None
+        # Under TRITON_INTERPRET=1 (read when the kernels were decorated) they run on CPU
+        # tensors too: slowly, for debugging them (and for the tests).
+        if cuda or flash_varlen._INTERPRET:
+            return
+    elif backend == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"{setting} needs the flash-attn package, which is not installed: pip install "
+                f"flash-attn (CUDA only), or use {instead}"
+            ) from None
+        if cuda:
+            return
+    else:  # auto picks a backend that runs here; torch runs everywhere
+        return
+    raise UserError(f"{setting} runs only on CUDA GPUs and {device}: use {instead}")

@@ -5,7 +5,7 @@ dense batches, each run through one ``scaled_dot_product_attention`` call with a
 the real rows are scattered back. A per-utterance loop costs one Python call (and a tiny matmul) per
 utterance; one dense call over the whole batch pays for all the padding. Grouping sorts segments by
 length and closes a group when its padded area would exceed the real area by more than a slack, so
-a batch costs a handful of calls and little padding (``python -m speedasr.nn.attention_torch``
+a batch costs a handful of calls and little padding (``python -m speedasr.bench.torch_attention``
 measures it).
 
 Semantics (shared with every backend, see ``speedasr.nn.attention``): causal masking is bottom-right
@@ -347,68 +347,3 @@ def _gather_index(starts: list[int], lengths: list[int], width: int, pad_row: in
     start = torch.tensor(starts)[:, None]
     pos = torch.arange(width)[None, :]
     return torch.where(pos < torch.tensor(lengths)[:, None], start + pos, pad_row).flatten()
-
-
-def _benchmark(argv: list[str] | None = None) -> None:
-    """Grouped vs per-utterance vs one padded call, forward + backward, on a long-tailed batch."""
-    import argparse
-    import random
-    import time
-
-    from torch.nn.utils.rnn import pad_sequence
-
-    parser = argparse.ArgumentParser(description=_benchmark.__doc__)
-    parser.add_argument("--utterances", type=int, default=64)
-    parser.add_argument("--per-second", type=float, default=12.5,
-                        help="sequence positions per second of audio: 12.5 encoder frames, "
-                        "~4 decoder tokens")  # fmt: skip
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=36)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--causal", action="store_true")
-    args = parser.parse_args(argv)
-    rng = random.Random(0)
-    # 1-20 s utterances, log-normal around ~4.5 s (a long tail, like real corpora)
-    seconds = [min(20.0, rng.lognormvariate(1.5, 0.6)) for _ in range(args.utterances)]
-    lengths = [max(1, round(args.per_second * s)) for s in seconds]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    n, h, d, m = sum(lengths), args.heads, args.head_dim, max(lengths)
-    q, k, v = (torch.randn(n, h, d, requires_grad=True) for _ in range(3))
-    # the padded layout is the input of the padded strategy (built outside its timing)
-    qp, kp, vp = (
-        pad_sequence(t.detach().split(lengths), batch_first=True).transpose(1, 2).requires_grad_()
-        for t in (q, k, v)
-    )
-    pad_mask = dense_attention_mask(lengths, lengths, m, m, args.causal, "cpu")
-    strategies = {
-        "grouped (packed)": lambda: torch_packed_attention(q, k, v, cu, cu, m, m, args.causal),
-        "per-utterance loop": lambda: per_utterance_attention(q, k, v, cu, cu, args.causal),
-        "one padded call": lambda: masked_sdpa(qp, kp, vp, *pad_mask, 1 / math.sqrt(d)),
-    }
-
-    def timed(fn) -> float:
-        best = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn().sum().backward()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    real, padded = sum(x * x for x in lengths), len(lengths) * m * m
-    print(
-        f"{len(lengths)} utterances, {n} positions (max {m}), H={h} D={d}, causal={args.causal}, "
-        f"{len(plan_groups(lengths, lengths))} groups; score entries: real {real}, padded "
-        f"{padded}; forward+backward, best of {args.repeats}, {torch.get_num_threads()} thread(s)"
-    )
-    times = {name: timed(fn) for name, fn in strategies.items()}
-    for name, t in times.items():
-        print(f"  {name:<20} {t * 1e3:8.1f} ms")
-    base = times["grouped (packed)"]
-    print(
-        f"  grouped is {times['per-utterance loop'] / base:.1f}x faster than the loop, "
-        f"{times['one padded call'] / base:.1f}x faster than one padded call"
-    )
-
-
-if __name__ == "__main__":
-    _benchmark()

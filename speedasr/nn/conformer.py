@@ -23,25 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedasr.data.padding import encoder_length
+from speedasr.core.geometry import SUBSAMPLING_FACTORS, SUBSAMPLING_STAGES, encoder_length
+from speedasr.core.segments import Segments
 from speedasr.nn.batchnorm import FrameBatchNorm
 from speedasr.nn.layout import Layout, PackedLayout, PaddedLayout
 from speedasr.nn.relpos import RelPositionSelfAttention
 from speedasr.nn.rotary import apply_rotary
-from speedasr.nn.segments import Segments
-
-SUBSAMPLING_STAGES = 3
-"""Three stride-2 stages (the default, FastConformer/Canary): 8x fewer frames (10 ms -> 80 ms)."""
-SUBSAMPLING_FACTORS = {4: 2, 8: 3, 16: 4}
-"""Subsampling factor -> stride-2 stages (NeMo's ``dw_striding`` offers the same three)."""
-
-
-def receptive_field(stages: int = SUBSAMPLING_STAGES) -> int:
-    """Input frames one encoder frame sees through ``stages`` k3/s2 convolutions: 15 at 8x."""
-    return 1 + 2 * (2**stages - 1)
-
-
-SUBSAMPLING_RECEPTIVE_FIELD = receptive_field()
 
 
 class ConvSubsampling(nn.Module):
@@ -51,7 +38,7 @@ class ConvSubsampling(nn.Module):
     pointwise conv2d(C→C) + ReLU], then a linear map of the ``C × ceil(n_mels / factor)``
     features to ``d_model`` (factor ``2 ** stages``: 8, as in Canary, by default). Every stage
     maps T frames to ``ceil(T / 2)`` (kernel 3, padding 1), so output lengths are
-    ``speedasr.data.padding.encoder_length(T, stages)``.
+    ``speedasr.core.geometry.encoder_length(T, stages)``.
 
     Short utterances: an utterance of ``T >= 1`` frames always gives ``>= 1`` frame, computed as
     if it were alone (its receptive field, 15 input frames at 8x, is completed with zeros, never

@@ -18,7 +18,8 @@ import math
 import torch
 from torch import nn
 
-NEMO_SAMPLE_RATE = 16000
+from speedasr.core.geometry import SAMPLE_RATE
+
 NEMO_N_FFT = 512
 NEMO_WIN_LENGTH = 400
 NEMO_HOP_LENGTH = 160
@@ -68,7 +69,7 @@ class NemoFilterbank(nn.Module):
         super().__init__()
         self.n_mels = n_mels
         self.register_buffer("window", torch.hann_window(NEMO_WIN_LENGTH, periodic=False))
-        fb = slaney_mel_filterbank(n_mels, NEMO_N_FFT, NEMO_SAMPLE_RATE)
+        fb = slaney_mel_filterbank(n_mels, NEMO_N_FFT, SAMPLE_RATE)
         self.register_buffer("fb", fb[None])
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (torch's signature)

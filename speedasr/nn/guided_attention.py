@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from speedasr.nn.segments import Segments
+from speedasr.core.segments import Segments
 
 
 class AlignmentPrior:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from speedasr.core.segments import Segments
 from speedasr.nn.attention import AttentionBackend, RelativePositions, packed_attention
 from speedasr.nn.attention_torch import dense_attention_mask, torch_padded_attention
 from speedasr.nn.relpos import relative_sinusoids
 from speedasr.nn.rotary import rotary_tables
-from speedasr.nn.segments import Segments
 
 
 class PackedLayout:

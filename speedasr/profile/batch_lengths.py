@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from speedasr.data.padding import PaddingStats, batch_padding, encoder_length
+from speedasr.core.batch import IGNORE_INDEX
+from speedasr.core.geometry import encoder_length
+from speedasr.data.padding import PaddingStats, batch_padding
 
 Lengths = Sequence[int] | torch.Tensor
 """Per-example lengths: host ints or a 1-D integer tensor (any device)."""
@@ -133,8 +135,6 @@ OUTPUT_LENGTH_KEYS = (
 OUTPUT_TENSOR_KEYS = (
     "y", "targets", "target", "tokens", "labels", "decoder_input_ids", "tgt", "text",
 )  # fmt: skip
-LABEL_IGNORE_INDEX = -100
-"""Padding value of ``labels`` in Hugging Face-style batches (and speedasr's ``IGNORE_INDEX``)."""
 
 
 def default_batch_lengths(batch: Any) -> BatchLengths | None:
@@ -295,7 +295,8 @@ def _dict_batch(batch: Mapping[str, Any]) -> BatchLengths | None:
         y_lens = _mask_lengths(batch["decoder_attention_mask"], true_is_real=True)
         y_pad = batch["decoder_attention_mask"].shape[-1]
     elif isinstance(batch.get("labels"), torch.Tensor) and batch["labels"].dim() == 2:
-        y_lens = (batch["labels"] != LABEL_IGNORE_INDEX).sum(dim=-1)
+        # -100: Hugging Face pads labels with the same value as speedasr's IGNORE_INDEX
+        y_lens = (batch["labels"] != IGNORE_INDEX).sum(dim=-1)
         y_pad = batch["labels"].shape[1]
     durations = batch.get("durations")
     return BatchLengths(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-GIB = 1024**3
+from speedasr.core.geometry import GIB
 
 
 @dataclass(frozen=True)

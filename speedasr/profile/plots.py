@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from speedasr.profile.report import RunLogs, Series, duration_axis, padding_axes  # noqa: E402
+from speedasr.profile.logs import RunLogs, Series, duration_axis, padding_axes  # noqa: E402
 
 COLORS = {
     "frames": "tab:blue",

@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from speedasr.profile.gpu import GIB, GPUSample
+from speedasr.core.geometry import GIB
+from speedasr.profile.gpu import GPUSample
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -101,7 +101,8 @@ def build_callbacks(
         SpeechThroughputMonitor,
     )
     from speedasr.train.faults import FaultMonitor, GracefulStop
-    from speedasr.train.progress import LogProgressBar, TrainingProgress
+    from speedasr.train.progress import LogProgressBar
+    from speedasr.train.resume import TrainingProgress
 
     has_val = bool(cfg.data.dev_cuts)
     checkpoint = ModelCheckpoint(

@@ -37,14 +37,13 @@ from pathlib import Path
 
 import torch
 
+from speedasr.core.geometry import FRAMES_PER_SECOND, GIB
 from speedasr.errors import UserError
 from speedasr.options import add_config_overrides, dataclass_sections
-from speedasr.train.progress import release_free_heap
+from speedasr.train.host_memory import release_free_heap
 
 log = logging.getLogger(__name__)
 
-GiB = 1 << 30
-FRAMES_PER_SECOND = 100
 """Input feature frames per second (10 ms shift)."""
 
 
@@ -134,8 +133,8 @@ def synthetic_batch(
 ):
     """``batch_size`` utterances of ``duration`` seconds and ``tokens`` decoder tokens each, the
     first ``prompt_tokens`` of them a prompt (the tokenizer's length: no loss on it)."""
-    from speedasr.data.batch import IGNORE_INDEX, PackedBatch
-    from speedasr.nn.segments import Segments
+    from speedasr.core.batch import IGNORE_INDEX, PackedBatch
+    from speedasr.core.segments import Segments
 
     frames = max(1, math.ceil(duration * FRAMES_PER_SECOND))
     tokens = max(tokens, prompt_tokens + 1)
@@ -211,7 +210,7 @@ class Calibrator:
         ok, peak = self.limit(step)
         log.info(
             "  d=%.2fs L=%d B=%d: %s (peak %.3f GiB)",
-            duration, tokens, batch_size, "fits" if ok else "too big", peak / GiB,
+            duration, tokens, batch_size, "fits" if ok else "too big", peak / GIB,
         )  # fmt: skip
         return ok, peak
 
@@ -266,7 +265,7 @@ def calibrate_buckets(
                 "limit; raise the budget or lower data.max_duration"
             )
         trials = calibrator.trials - before
-        peak_gib = round(peak / GiB, 4) if peak else None
+        peak_gib = round(peak / GIB, 4) if peak else None
         results[k] = BucketResult(k, d, n, b, peak_gib, trials)
     return [results[k] for k in range(len(shapes))]
 
@@ -336,10 +335,7 @@ def model_and_tokenizer(cfg):
     if not cfg.data.tokenizer:
         raise UserError("config key data.tokenizer is not set (nor init_from)")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
-    model_cfg = type(cfg.model)(
-        **{**cfg.model.__dict__, "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
-    )
-    return model_cfg, tokenizer
+    return cfg.model.with_vocabulary(tokenizer), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -375,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.memory_budget is None or args.memory_budget <= args.reserve:
             raise UserError("on CPU give --memory-budget GiB (larger than --reserve)")
-        limit = CpuMemoryLimit(int((args.memory_budget - args.reserve) * GiB))
+        limit = CpuMemoryLimit(int((args.memory_budget - args.reserve) * GIB))
         limit_text = f"process peak RSS <= {args.memory_budget} GiB - {args.reserve} GiB reserve"
     torch.manual_seed(0)
     start = time.time()

@@ -10,11 +10,11 @@ import pytorch_lightning as pl
 import torch
 
 from speedasr.checkpoint import tokenizer_from_state
-from speedasr.data.batch import PackedBatch, PaddedBatch
+from speedasr.core.batch import PackedBatch, PaddedBatch
 from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.decoding import DecodingOptions
-from speedasr.inference import transcribe_batch
+from speedasr.decoding.transcribe import transcribe_batch
 from speedasr.metrics import word_error_rate
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.models.sizing import count_flops

@@ -194,9 +194,9 @@ def train(cfg, config_yaml: str | None = None) -> int:
         log_run_config,
         resolve_resume,
     )
+    from speedasr.train.host_memory import limit_heap_arenas
     from speedasr.train.module import AsrModule
     from speedasr.train.pretrained import check_fits, load_pretrained_weights, read_pretrained
-    from speedasr.train.progress import limit_heap_arenas
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not cfg.data.train_cuts:
@@ -341,7 +341,7 @@ def build_data_and_model_config(cfg, report_dir: Path | None = None, pretrained=
     NeMo's with the checkpoint's tables) and the model's vocabulary is the tokenizer's (with
     ``init_from``: the checkpoint's tokenizer). ``pretrained``: ``cfg.init_from`` already read."""
     from speedasr.checkpoint import tokenizer_from_state
-    from speedasr.data.datamodule import AsrDataModule
+    from speedasr.train.datamodule import AsrDataModule
     from speedasr.train.pretrained import frontend_for, read_pretrained
 
     if pretrained is None and cfg.init_from:
@@ -356,12 +356,7 @@ def build_data_and_model_config(cfg, report_dir: Path | None = None, pretrained=
     if pretrained is not None:
         # The checkpoint's vocabulary: NeMo pads it to a multiple of 8 past the tokenizer's.
         return datamodule, model_cfg
-    if model_cfg.vocab_size != datamodule.tokenizer.vocab_size:
-        model_cfg = type(model_cfg)(
-            **{**model_cfg.__dict__, "vocab_size": datamodule.tokenizer.vocab_size,
-               "pad_id": datamodule.tokenizer.pad_id}
-        )  # fmt: skip
-    return datamodule, model_cfg
+    return datamodule, model_cfg.with_vocabulary(datamodule.tokenizer)
 
 
 def check_trainer_config(trainer) -> None:
@@ -392,7 +387,7 @@ def check_attention_backend_runs(backend: str, accelerator) -> None:
     import torch
     from pytorch_lightning.accelerators import Accelerator, CUDAAccelerator
 
-    from speedasr.inference import check_attention_backend
+    from speedasr.nn.attention import check_attention_backend
 
     if isinstance(accelerator, Accelerator):
         device = "cuda" if isinstance(accelerator, CUDAAccelerator) else type(accelerator).__name__

@@ -16,7 +16,8 @@ import soundfile as sf
 import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 
-from speedasr.data.audio import SAMPLE_RATE, AudioLoadError, load_model_audio
+from speedasr.core.geometry import SAMPLE_RATE
+from speedasr.data.audio import AudioLoadError, load_model_audio
 from speedasr.data.dataset import AsrDataset
 from speedasr.data.manifests import validate_cuts
 from speedasr.data.tokenizer import Tokenizer
@@ -161,14 +162,17 @@ def test_a_cut_lhotse_cannot_resample_is_a_named_reject_not_a_traceback(tmp_path
 
 def test_audio_module_imports_neither_dataset_nor_manifests_and_is_the_one_sample_rate():
     # The dataset and the manifest checks both load audio through speedasr.data.audio; an import
-    # of either from it would be a cycle. Synthesis and importers write/assume its rate: the same
-    # object, not another 16000 (int identity, since ints above 256 are not shared by Python).
+    # of either from it would be a cycle. Synthesis and importers write/assume its rate, the one of
+    # speedasr.core.geometry: the same object, not another 16000 (int identity, since ints above
+    # 256 are not shared by Python).
     code = (
         "import sys, speedasr.data.audio as audio\n"
         "loaded = {'speedasr.data.dataset', 'speedasr.data.manifests'} & set(sys.modules)\n"
         "assert not loaded, loaded\n"
-        "import speedasr.data.corpus as corpus, speedasr.data.importers as importers\n"
-        "assert corpus.SAMPLE_RATE is importers.SAMPLE_RATE is audio.SAMPLE_RATE == 16000\n"
+        "import speedasr.prep.corpus as corpus, speedasr.prep.importers as importers\n"
+        "from speedasr.core.geometry import SAMPLE_RATE\n"
+        "assert corpus.SAMPLE_RATE is importers.SAMPLE_RATE is audio.SAMPLE_RATE is SAMPLE_RATE\n"
+        "assert SAMPLE_RATE == 16000\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

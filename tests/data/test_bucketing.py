@@ -10,13 +10,13 @@ from speedasr.bench.padding import synthetic_corpus
 from speedasr.cli import main
 from speedasr.data.bucketing import (
     PROMPT_TOKENS,
-    Bucket2DConstraint,
     BucketBins,
     TokenCounter,
     estimate_bins,
     estimate_text_tokens,
 )
-from speedasr.data.importers import metadata_only_cut as metadata_cut
+from speedasr.data.constraints import Bucket2DConstraint
+from speedasr.data.manifests import metadata_only_cut as metadata_cut
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
 

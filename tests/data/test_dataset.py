@@ -4,7 +4,7 @@ import pytest
 import torch
 from lhotse import CutSet
 
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset, SpecAugmentConfig, decoder_sequences
 from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.tokenizer import Tokenizer

@@ -4,10 +4,11 @@ import pytest
 from lhotse import CutSet
 
 from speedasr.bench.padding import synthetic_corpus
+from speedasr.core.geometry import num_input_frames
 from speedasr.data.bucketing import BucketBins, TokenCounter
-from speedasr.data.importers import metadata_only_cut as metadata_cut
+from speedasr.data.manifests import metadata_only_cut as metadata_cut
 from speedasr.data.packing import PackingConstraint, PackingCost
-from speedasr.data.padding import PaddingStats, batch_padding, num_input_frames
+from speedasr.data.padding import PaddingStats, batch_padding
 from speedasr.data.sampling import SamplerConfig, build_sampler
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from speedasr.data.padding import PaddingStats, batch_padding, encoder_length, num_input_frames
+from speedasr.core.geometry import encoder_length, num_input_frames
+from speedasr.data.padding import PaddingStats, batch_padding
 
 
 def test_encoder_length_is_ceil_at_each_stage():

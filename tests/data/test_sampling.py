@@ -6,7 +6,7 @@ import pytest
 
 from speedasr.bench.padding import synthetic_corpus
 from speedasr.data.bucketing import BucketBins
-from speedasr.data.importers import metadata_only_cut as metadata_cut
+from speedasr.data.manifests import metadata_only_cut as metadata_cut
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.errors import UserError
 

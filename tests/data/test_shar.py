@@ -8,12 +8,13 @@ import torch
 from lhotse import CutSet
 from lhotse.audio import AudioSource
 
-from speedasr.data.datamodule import AsrDataModule, DataConfig
 from speedasr.data.sampling import SamplerConfig
-from speedasr.data.shar import export_shar, load_validated_shar, open_shar
+from speedasr.data.shar import load_validated_shar, open_shar
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
+from speedasr.prep.shar_export import export_shar
 from speedasr.testing import make_tiny_cuts, tiny_texts
+from speedasr.train.datamodule import AsrDataModule, DataConfig
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 import pytest
 
-from speedasr.data.tokenizer import EOT, PROMPT_TOKENS, SOT, Tokenizer
+from speedasr.core.geometry import PROMPT_TOKENS
+from speedasr.data.tokenizer import EOT, SOT, Tokenizer
 from speedasr.errors import UserError
 
 TEXTS = [
@@ -26,7 +27,8 @@ def test_prompt_tokens(tok):
     prompt = tok.prompt("de", task="transcribe", pnc=True)
     pieces = [tok.sp.id_to_piece(i) for i in prompt]
     assert pieces == [SOT, "<|de|>", "<|transcribe|>", "<|pnc|>"]
-    assert tok.prompt_length == PROMPT_TOKENS == 4  # what sizing and bins count
+    # core.geometry.PROMPT_TOKENS (what sizing and bins count) is the length of the real prompt
+    assert tok.prompt_length == len(prompt) == PROMPT_TOKENS == 4
     assert tok.sp.id_to_piece(tok.eot_id) == EOT
     # decode skips the prompt and stops at end-of-text
     ids = prompt + tok.encode("speech recognition") + [tok.eot_id] + tok.encode("the dog")

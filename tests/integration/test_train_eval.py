@@ -110,8 +110,8 @@ def test_checkpoint_from_before_block_out_norm_loads(trained, tmp_path):
     # Older checkpoints have no `block_out_norm` key and a LayerNorm at the end of every block.
     from dataclasses import asdict, replace
 
+    from speedasr.core.segments import Segments
     from speedasr.models.aed import AEDModel
-    from speedasr.nn.segments import Segments
 
     root, _ = trained
     ckpt = torch.load(root / "exp/checkpoints/last.ckpt", weights_only=True)

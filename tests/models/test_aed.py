@@ -3,9 +3,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.segments import Segments
 from speedasr.models.aed import AEDModel, ModelConfig
-from speedasr.nn.segments import Segments
 
 EOT, VOCAB = 1, 40
 
@@ -297,3 +297,11 @@ def test_triton_backend_matches_torch_backend():
         env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_config_takes_the_tokenizers_vocabulary():
+    from types import SimpleNamespace
+
+    cfg = ModelConfig(vocab_size=64, pad_id=0, d_model=32, encoder_heads=2)
+    new = cfg.with_vocabulary(SimpleNamespace(vocab_size=96, pad_id=3))
+    assert (new.vocab_size, new.pad_id, new.d_model) == (96, 3, 32) and cfg.vocab_size == 64

@@ -5,9 +5,9 @@ checks of ModelConfig."""
 import pytest
 import torch
 
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.segments import Segments
 from speedasr.models.aed import AEDModel, ModelConfig
-from speedasr.nn.segments import Segments
 
 CANARY = dict(encoder_positions="rel_pos", xscaling=True, conv_norm="batch", block_out_norm=True)
 FRAMES = [57, 1, 9, 120, 30]

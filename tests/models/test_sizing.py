@@ -7,9 +7,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from speedasr.cli import main
-from speedasr.data.batch import PaddedBatch
+from speedasr.core.batch import PaddedBatch
+from speedasr.core.geometry import num_input_frames
+from speedasr.core.segments import Segments
 from speedasr.data.nemo_tokenizer import AggregateTokenizer
-from speedasr.data.padding import num_input_frames
 from speedasr.errors import UserError
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.models.sizing import (
@@ -22,7 +23,6 @@ from speedasr.models.sizing import (
 )
 from speedasr.nemo.archive import read_nemo
 from speedasr.nemo.import_nemo import tokenizer_state
-from speedasr.nn.segments import Segments
 
 
 def real_counts(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -109,7 +109,7 @@ def test_budget_planner_recovers_canary_shapes():
 
 def test_preset_overrides_and_unknown_preset():
     assert preset("tiny", vocab_size=1024).vocab_size == 1024
-    assert ModelConfig.preset("canary-1b-flash").encoder_layers == 32
+    assert preset("canary-1b-flash").encoder_layers == 32
     with pytest.raises(UserError, match="unknown model preset"):
         preset("canary-7b")
 
@@ -117,7 +117,7 @@ def test_preset_overrides_and_unknown_preset():
 def test_model_info_command(capsys):
     assert main(["model", "info", "tiny", "canary-1b-flash"]) == 0
     out = capsys.readouterr().out
-    assert "canary-1b-flash" in out and "883.0M" in out and "tiny" in out
+    assert "canary-1b-flash" in out and "883M" in out and "tiny" in out
     assert main(["model", "info", "--budget", "20M", "--encoder-share", "0.8", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["budget-20M"]
     assert info["params_total"] == count_parameters(ModelConfig(**info["config"])).total

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from speedasr.cli import main
+from speedasr.core.segments import Segments
 from speedasr.decoding.greedy import GreedySearch
 from speedasr.decoding.options import DecodingOptions
 from speedasr.errors import UserError
 from speedasr.nemo.archive import read_nemo
 from speedasr.nemo.import_nemo import import_nemo, load_imported
-from speedasr.nn.segments import Segments
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "nemo"
 NEMO = FIXTURE / "canary_tiny.nemo"
@@ -284,8 +284,8 @@ def test_eval_reads_the_nemo_front_end(imported, ref, tmp_path):
     import soundfile as sf
 
     from speedasr.checkpoint import load_model
+    from speedasr.decoding.transcribe import cuts_from_audio
     from speedasr.evaluate import evaluate
-    from speedasr.inference import cuts_from_audio
 
     out, _, _ = imported
     loaded = load_model(out / "model.ckpt")

@@ -47,7 +47,7 @@ def test_nemo_computes_what_the_finetuned_model_computes(tmp_path):
 
     from speedasr.checkpoint import load_model
     from speedasr.cli import main
-    from speedasr.nn.segments import Segments
+    from speedasr.core.segments import Segments
     from speedasr.testing import make_tiny_cuts
 
     import_nemo(REPO / "tests/fixtures/nemo/canary_tiny.nemo", tmp_path / "imported")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from speedasr.core.segments import Segments
 from speedasr.nn.batchnorm import FrameBatchNorm
 from speedasr.nn.layout import PackedLayout, PaddedLayout
-from speedasr.nn.segments import Segments
 
 C = 6
 LENGTHS = [1, 7, 0, 13, 2]

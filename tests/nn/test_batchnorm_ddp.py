@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from speedasr.core.segments import Segments
 from speedasr.nn.batchnorm import FrameBatchNorm
 from speedasr.nn.layout import PackedLayout, PaddedLayout
-from speedasr.nn.segments import Segments
 
 C = 5
 # Utterance lengths (real frames) per step and rank: rank 1 has no real frame in step 1 and one

@@ -2,16 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from speedasr.data.padding import encoder_length
-from speedasr.nn.conformer import (
-    SUBSAMPLING_RECEPTIVE_FIELD,
-    ConformerEncoder,
-    ConvModule,
-    ConvSubsampling,
-    receptive_field,
-)
+from speedasr.core.geometry import SUBSAMPLING_RECEPTIVE_FIELD, encoder_length, receptive_field
+from speedasr.core.segments import Segments
+from speedasr.nn.conformer import ConformerEncoder, ConvModule, ConvSubsampling
 from speedasr.nn.layout import PackedLayout, PaddedLayout
-from speedasr.nn.segments import Segments
 
 N_MELS = 20
 

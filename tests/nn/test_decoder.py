@@ -1,8 +1,8 @@
 import torch
 
+from speedasr.core.segments import Segments
 from speedasr.nn.decoder import TransformerDecoder
 from speedasr.nn.layout import PackedLayout, PaddedLayout
-from speedasr.nn.segments import Segments
 
 VOCAB, D_MEM = 30, 12
 

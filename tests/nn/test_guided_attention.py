@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from speedasr.core.segments import Segments
 from speedasr.nn.guided_attention import AlignmentPrior
-from speedasr.nn.segments import Segments
 
 
 def diagonal_cost(i: int, m: int, t: int, frames: int, sigma: float) -> float:

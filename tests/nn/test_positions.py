@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
+from speedasr.core.segments import Segments
 from speedasr.nn.decoder import TransformerDecoder
 from speedasr.nn.layout import PackedLayout
 from speedasr.nn.positions import sinusoidal_positions
-from speedasr.nn.segments import Segments
 
 
 def test_table_by_hand():

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from speedasr.core.segments import Segments
 from speedasr.nn import attention as attention_module
 from speedasr.nn import attention_torch
 from speedasr.nn.attention import RelativePositions, packed_attention
 from speedasr.nn.attention_torch import torch_packed_attention, torch_padded_attention
 from speedasr.nn.layout import PackedLayout, PaddedLayout
 from speedasr.nn.relpos import RelPositionSelfAttention, relative_sinusoids
-from speedasr.nn.segments import Segments
 
 
 def cu(lengths):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from speedasr.profile import plots
-from speedasr.profile.report import RunLogs
+from speedasr.profile.logs import RunLogs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

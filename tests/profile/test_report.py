@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
 
 from speedasr.cli import main
-from speedasr.profile.report import load_run, summarize
+from speedasr.profile.logs import load_run
+from speedasr.profile.report import summarize
 from speedasr.profile.testing import FakeGPU, ToyModule, loader, random_batches, toy_flops
 from speedasr.train.callbacks import GPUUtilizationMonitor, PaddingMonitor, SpeechThroughputMonitor
 

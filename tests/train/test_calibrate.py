@@ -11,7 +11,7 @@ import yaml
 
 from speedasr.checkpoint import tokenizer_from_state
 from speedasr.cli import main
-from speedasr.data.batch import IGNORE_INDEX
+from speedasr.core.batch import IGNORE_INDEX
 from speedasr.data.bucketing import BucketBins
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.models.aed import ModelConfig

@@ -16,11 +16,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from speedasr.data.batch import PackedBatch, PaddedBatch
+from speedasr.core.batch import PackedBatch, PaddedBatch
+from speedasr.core.geometry import GIB
+from speedasr.core.segments import Segments
 from speedasr.data.padding import batch_padding
-from speedasr.nn.segments import Segments
 from speedasr.profile.batch_lengths import BatchLengths, default_batch_lengths
-from speedasr.profile.gpu import GIB, GPUSample, GPUSampler, UtilizationWindow
+from speedasr.profile.gpu import GPUSample, GPUSampler, UtilizationWindow
 from speedasr.profile.testing import FakeGPU, ToyModule, loader, padded_batch
 from speedasr.train import callbacks
 from speedasr.train.callbacks import GPUUtilizationMonitor, PaddingMonitor, SpeechThroughputMonitor

@@ -51,9 +51,9 @@ def test_cpu_train_with_workers_ends_without_leak_reports(tmp_path):
 FORWARD_ON_CPU = """\
 import sys
 import torch
-from speedasr.data.batch import PackedBatch
+from speedasr.core.batch import PackedBatch
 from speedasr.models.aed import AEDModel, ModelConfig
-from speedasr.nn.segments import Segments
+from speedasr.core.segments import Segments
 
 config = ModelConfig(vocab_size=40, d_model=16, encoder_layers=1, encoder_heads=2,
                      decoder_layers=1, subsampling_channels=4)

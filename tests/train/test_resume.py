@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from speedasr.data.datamodule import ResumableSampler
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.testing import make_metadata_cuts, make_tiny_cuts, tiny_texts
-from speedasr.train.progress import batch_seed
+from speedasr.train.resume import ResumableSampler, batch_seed
 
 EPOCHS, BATCHES = 3, 5  # 14 tiny cuts pack into 5 batches per epoch
 STEPS = EPOCHS * BATCHES
@@ -276,7 +275,7 @@ def test_data_position_follows_an_epoch_that_lightning_closed_early(tmp_path):
     run resumed from that final checkpoint starts the next epoch: the data must start it too."""
     from types import SimpleNamespace
 
-    from speedasr.data.datamodule import AsrDataModule, DataConfig
+    from speedasr.train.datamodule import AsrDataModule, DataConfig
 
     Tokenizer.train(tiny_texts(50, seed=1), tmp_path / "tok", vocab_size=60)
     data = AsrDataModule(DataConfig(tokenizer=str(tmp_path / "tok")), SamplerConfig(), n_mels=80)

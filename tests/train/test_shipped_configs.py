@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from speedasr.cli import main
-from speedasr.data.batch import PackedBatch
-from speedasr.data.padding import encoder_length
+from speedasr.core.batch import PackedBatch
+from speedasr.core.geometry import encoder_length
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.models.sizing import PRESETS, count_parameters

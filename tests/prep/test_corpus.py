@@ -9,10 +9,10 @@ import pytest
 import soundfile as sf
 
 from speedasr.cli import main as cli_main
-from speedasr.data.corpus import plan_corpus, plan_utterance, synthesize_corpus
 from speedasr.data.manifests import load_cuts, validate_cuts
-from speedasr.data.sentences import vocabulary
 from speedasr.errors import UserError
+from speedasr.prep.corpus import plan_corpus, plan_utterance, synthesize_corpus
+from speedasr.prep.sentences import vocabulary
 from speedasr.testing import make_metadata_cuts, make_tiny_cuts
 
 TINY = dict(hours=0.003, min_eval_utterances=3, workers=1, progress=False)
@@ -132,3 +132,9 @@ def test_testing_helpers(tmp_path):
     meta = make_metadata_cuts(200, seed=0)
     assert len(meta) == 200 and 4 < statistics.median(c.duration for c in meta) < 8
     assert meta[0].supervisions[0].text == make_metadata_cuts(1, seed=0)[0].supervisions[0].text
+
+
+def test_documented_old_path_still_imports():
+    from speedasr.data.corpus import synthesize_corpus as old
+
+    assert old is synthesize_corpus

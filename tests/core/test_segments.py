@@ -1,6 +1,6 @@
 import torch
 
-from speedasr.nn.segments import Segments
+from speedasr.core.segments import Segments
 
 
 def test_from_lengths_with_empty_segment():

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from speedasr.data.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.batch import IGNORE_INDEX, PackedBatch
+from speedasr.core.segments import Segments
 from speedasr.decoding import greedy_decode
 from speedasr.models.aed import AEDModel, ModelConfig
-from speedasr.nn.segments import Segments
 
 EOT, VOCAB, MELS = 1, 24, 16
 

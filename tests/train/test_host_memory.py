@@ -2,8 +2,8 @@
 
 import pytest
 
-from speedasr.train import progress
-from speedasr.train.progress import HeapTrimmer
+from speedasr.train import host_memory
+from speedasr.train.host_memory import HeapTrimmer
 
 MIB = 2**20
 
@@ -18,8 +18,8 @@ def fake_process(monkeypatch):
         state["resident"] -= state["free"]
         state["free"] = 0
 
-    monkeypatch.setattr(progress, "_resident_bytes", lambda: state["resident"])
-    monkeypatch.setattr(progress, "release_free_heap", trim)
+    monkeypatch.setattr(host_memory, "_resident_bytes", lambda: state["resident"])
+    monkeypatch.setattr(host_memory, "release_free_heap", trim)
     return state
 
 
@@ -54,16 +54,16 @@ def test_small_processes_use_the_minimum_slack(fake_process):
 
 
 def test_without_proc_it_does_nothing(monkeypatch):
-    monkeypatch.setattr(progress, "_resident_bytes", lambda: None)
-    monkeypatch.setattr(progress, "release_free_heap", lambda: pytest.fail("trimmed"))
+    monkeypatch.setattr(host_memory, "_resident_bytes", lambda: None)
+    monkeypatch.setattr(host_memory, "release_free_heap", lambda: pytest.fail("trimmed"))
     heap = HeapTrimmer()
     assert not any(heap.step() for _ in range(3))
 
 
-@pytest.mark.skipif(not progress.Path("/proc/self/status").exists(), reason="needs /proc")
+@pytest.mark.skipif(not host_memory.Path("/proc/self/status").exists(), reason="needs /proc")
 def test_resident_bytes_agrees_with_vmrss():
-    status = progress.Path("/proc/self/status").read_text()
+    status = host_memory.Path("/proc/self/status").read_text()
     vmrss = next(
         int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")
     )
-    assert progress._resident_bytes() == pytest.approx(vmrss, rel=0.05)
+    assert host_memory._resident_bytes() == pytest.approx(vmrss, rel=0.05)

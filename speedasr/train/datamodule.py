@@ -8,8 +8,7 @@ import gc
 import logging
 import signal
 import warnings
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,14 +17,15 @@ import torch
 from lhotse import CutSet
 from lhotse.dataset import DynamicCutSampler
 
+from speedasr.core.batch import PackedBatch, PaddedBatch
 from speedasr.data.audio import AudioLoadError
-from speedasr.data.batch import PackedBatch, PaddedBatch
 from speedasr.data.dataset import AsrDataset, SpecAugmentConfig
 from speedasr.data.manifests import ValidationReport, load_cuts, validate_cuts
 from speedasr.data.nemo_tokenizer import AggregateTokenizer
 from speedasr.data.sampling import SamplerConfig, build_sampler
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.errors import UserError
+from speedasr.train.resume import ResumableSampler, SeededBatches, sampler_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class AsrDataModule(pl.LightningDataModule):
     """Builds train/validation dataloaders from ``DataConfig`` + ``SamplerConfig``.
 
     Exact resume: the checkpoint holds ``(epoch, batches consumed in the epoch)``, taken when a
-    training step starts (``speedasr.train.progress.TrainingProgress`` calls ``batch_started``)
+    training step starts (``speedasr.train.resume.TrainingProgress`` calls ``batch_started``)
     from the position the sampler gave that batch, not from the sampler's own position, which
     runs ahead of training by the batches the DataLoader prefetched. On resume a fresh sampler of
     the same seed replays that epoch and skips that many batches (metadata only, no audio is
@@ -314,94 +314,3 @@ def _unfreeze_at_exit() -> None:
     if not _UNFREEZE_REGISTERED:
         atexit.register(gc.unfreeze)
         _UNFREEZE_REGISTERED = True
-
-
-def sampler_fingerprint(cfg: SamplerConfig) -> dict[str, Any]:
-    """The sampler settings that decide which batches an epoch has (plain values)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """Wraps a lhotse sampler: yields ``(cuts, batch_seed)``, can resume at any batch of any
-    epoch, and remembers the position ``(epoch, index in epoch)`` of every batch it yielded.
-    ``set_epoch`` is forwarded, so Lightning's per-epoch call works.
-
-    Lightning creates the DataLoader iterator (which starts this iterator to prefetch) *before*
-    it calls ``set_epoch`` for the epoch it resumes, so a resumed position is held here and
-    applied by the next ``__iter__`` whatever the order of the calls: that iteration runs the
-    resumed epoch from the first batch not consumed, and if the epoch had no batch left (the
-    checkpoint was written at its last batch), the next epoch from its first batch.
-    """
-
-    def __init__(self, sampler, seed: int, rank: int) -> None:
-        self.sampler = sampler
-        self.seed, self.rank = seed, rank
-        self.epoch = 0
-        self._resume: tuple[int, int] | None = None
-        self.yielded: deque[tuple[int, int]] = deque()
-        """Positions ``(epoch, index)`` of the batches yielded by the current iteration and not
-        yet claimed by ``next_position`` (the DataLoader keeps batches in order)."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.sampler.set_epoch(epoch)
-
-    def resume(self, epoch: int, batches: int) -> None:
-        """The next iteration continues after the first ``batches`` batches of ``epoch``."""
-        self._resume = (epoch, batches)
-
-    def next_position(self) -> tuple[int, int]:
-        """``(epoch, index in epoch)`` of the next batch the DataLoader hands out (in order)."""
-        return self.yielded.popleft()
-
-    def __iter__(self):
-        self.yielded.clear()  # a new iteration: the DataLoader dropped the previous one's batches
-        resume, self._resume = self._resume, None
-        if resume is None:
-            yield from self._epoch_batches(start=0)
-            return
-        epoch, consumed = resume
-        self.set_epoch(epoch)
-        yielded = yield from self._epoch_batches(start=consumed)
-        if not yielded:  # the epoch was complete: continue with the next one
-            self.set_epoch(epoch + 1)
-            yield from self._epoch_batches(start=0)
-
-    def _epoch_batches(self, start: int):
-        """This epoch's batches from index ``start`` on (earlier ones are sampled and dropped:
-        metadata only). Returns how many it yielded."""
-        from speedasr.train.progress import batch_seed
-
-        yielded = 0
-        for index, cuts in enumerate(iter(self.sampler)):
-            if index >= start:
-                self.yielded.append((self.epoch, index))
-                yield cuts, batch_seed(self.seed, self.epoch, index, self.rank)
-                yielded += 1
-        return yielded
-
-
-class SeededBatches(torch.utils.data.Dataset):
-    """Runs a lhotse-style dataset on ``(cuts, seed)`` with torch, NumPy and Python's generators
-    seeded for that batch (and restored after), so augmentation is a function of the batch."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __getitem__(self, item):
-        import random
-
-        import numpy as np
-
-        cuts, seed = item
-        saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-        torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are not touched
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-        try:
-            return self.dataset[cuts]
-        finally:
-            torch.set_rng_state(saved[0])
-            np.random.set_state(saved[1])
-            random.setstate(saved[2])

@@ -6,9 +6,9 @@ from lhotse.audio.utils import AudioLoadingError
 
 from speedasr.cli import main as cli_main
 from speedasr.data.dataset import reference_and_language
-from speedasr.data.importers import cuts_from_tsv, import_nemo, import_tsv
 from speedasr.data.manifests import load_cuts
 from speedasr.errors import UserError
+from speedasr.prep.importers import cuts_from_tsv, import_nemo, import_tsv
 from speedasr.testing import make_tiny_cuts
 
 

@@ -37,15 +37,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speedasr.data.audio import SAMPLE_RATE
+from speedasr.core.geometry import SAMPLE_RATE
+from speedasr.data.manifests import metadata_only_cut
 from speedasr.data.nemo_tokenizer import pnc_flag
 from speedasr.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Source path of metadata-only recordings: a relative path that is never created by anything.
-METADATA_ONLY_PREFIX = "<metadata-only: no audio>/"
-METADATA_ONLY_SOURCE = METADATA_ONLY_PREFIX + "{id}"
 TSV_HEADER = ("utt_id", "duration_seconds", "text")
 
 
@@ -69,41 +67,6 @@ class ImportReport:
         more = len(self.bad_lines) - max_listed
         listed += f"; and {more} more" if more > 0 else ""
         return text + f", {len(self.bad_lines)} bad lines skipped ({listed})"
-
-
-def metadata_only_cut(cut_id: str, duration: float, text: str, language: str | None, **custom):
-    """A MonoCut whose recording has no audio: for benchmarks and tests that need only durations
-    and texts. Loading its audio raises (the source path never exists)."""
-    from lhotse import AudioSource, MonoCut, Recording, SupervisionSegment
-
-    num_samples = round(duration * SAMPLE_RATE)
-    duration = num_samples / SAMPLE_RATE
-    source = AudioSource(type="file", channels=[0], source=METADATA_ONLY_SOURCE.format(id=cut_id))
-    recording = Recording(
-        id=cut_id,
-        sources=[source],
-        sampling_rate=SAMPLE_RATE,
-        num_samples=num_samples,
-        duration=duration,
-    )
-    supervision = SupervisionSegment(
-        id=cut_id,
-        recording_id=cut_id,
-        start=0.0,
-        duration=duration,
-        channel=0,
-        text=text,
-        language=language,
-        custom=custom or None,
-    )
-    return MonoCut(
-        id=cut_id,
-        start=0.0,
-        duration=duration,
-        channel=0,
-        recording=recording,
-        supervisions=[supervision],
-    )
 
 
 def _open_text(path: Path):

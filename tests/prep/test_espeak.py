@@ -1,4 +1,4 @@
-"""speedasr.data.espeak.resample: output length, edge-case lengths, and a sine's shape."""
+"""speedasr.prep.espeak.resample: output length, edge-case lengths, and a sine's shape."""
 
 import math
 import signal
@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from speedasr.data.espeak import resample
+from speedasr.prep.espeak import resample
 
 RATE_PAIRS = [(22050, 16000), (44100, 16000), (48000, 16000), (32000, 16000), (8000, 16000),
               (16000, 22050)]  # fmt: skip

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from speedasr.nn.segments import Segments
+from speedasr.core.segments import Segments
 
 IGNORE_INDEX = -100
 """Target value of positions that carry no loss (prompt tokens, padding)."""

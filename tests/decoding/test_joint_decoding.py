@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from speedasr.core.segments import Segments
 from speedasr.decoding import DecodingOptions, decode
 from speedasr.decoding.ctc_prefix import CtcPrefixScorer
 from speedasr.models.aed import AEDModel, ModelConfig
-from speedasr.nn.segments import Segments
 
 BLANK = 0
 
