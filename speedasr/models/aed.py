@@ -46,8 +46,14 @@ class ModelConfig:
     """Input features per frame (log-mel bins). The one setting of the features: training data
     (``AsrDataset(n_mels=...)``, via the run's data module) and inference (the checkpoint's
     config) extract exactly this many bins."""
+    subsampling: Literal["dw_striding", "stacking"] = "dw_striding"
+    """How input frames become encoder frames: ``dw_striding`` (FastConformer's depthwise-separable
+    stride-2 convolutions, Canary's; NeMo checkpoints use it) or ``stacking`` (``subsampling_factor``
+    frames side by side, then one linear map: a fraction of the cost, and from scratch on little
+    data it learns sooner; docs/training.md)."""
     subsampling_channels: int = 32
-    """Channels of the convolutional subsampling (Canary: 256; 16-64 on CPU)."""
+    """Channels of the convolutional subsampling (Canary: 256; 16-64 on CPU; unused by
+    ``stacking``)."""
     subsampling_factor: int = 8
     """Input frames (10 ms) per encoder frame: 4, 8 (FastConformer, Canary: 80 ms) or 16, by 2, 3
     or 4 stride-2 convolutions. 4 doubles the encoder's frames and its cost, and leaves CTC room
@@ -168,6 +174,10 @@ class ModelConfig:
             ),
             (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
             (
+                self.subsampling in ("dw_striding", "stacking"),
+                "subsampling must be 'dw_striding' or 'stacking'",
+            ),
+            (
                 self.subsampling_factor in SUBSAMPLING_FACTORS,
                 f"subsampling_factor must be one of {sorted(SUBSAMPLING_FACTORS)}",
             ),
@@ -251,6 +261,7 @@ class AEDModel(nn.Module):
             attention_backend=cfg.attention_backend, block_out_norm=cfg.block_out_norm,
             positions=cfg.encoder_positions, xscaling=cfg.xscaling, conv_norm=cfg.conv_norm,
             conv_norm_frozen=cfg.conv_norm_frozen, subsampling_factor=cfg.subsampling_factor,
+            subsampling=cfg.subsampling,
         )  # fmt: skip
         self.decoder = TransformerDecoder(
             vocab_size=cfg.vocab_size, d_model=cfg.dec_d_model, layers=cfg.decoder_layers,
