@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedasr.core.geometry import SAMPLE_RATE, encoder_length
+from speedasr.core.geometry import SAMPLE_RATE
 from speedasr.errors import UserError
 from speedasr.nn.attention_torch import masked_sdpa, relative_score_mask
 from speedasr.nn.relpos import relative_sinusoids
@@ -114,14 +114,9 @@ class PaddedEncoder(nn.Module):
         self.encoder, self.ctc_head = model.encoder, model.ctc_head
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor):
-        sub = self.encoder.subsampling
-        h = features.to(sub.out.weight.dtype)[:, None]  # (B, 1, T, n_mels)
-        for conv in sub.convs:  # ConvSubsampling.forward_padded with tensor lengths
-            time = torch.arange(h.shape[2], device=h.device)
-            h = h * (time[None] < lengths[:, None]).to(h.dtype)[:, None, :, None]
-            h = F.relu(conv(h))
-            lengths = encoder_length(lengths, num_stages=1)
-        x = sub.out(h.transpose(1, 2).flatten(2)) * self.encoder.xscale  # (B, T', D)
+        sub = self.encoder.subsampling  # either kind: both take tensor lengths
+        x, lengths = sub.forward_lengths(features.to(sub.out.weight.dtype), lengths)
+        x = x * self.encoder.xscale  # (B, T', D)
         layout = LengthsLayout(lengths, x.shape[1])
         for block in self.encoder.blocks:
             x = block(x, layout)

@@ -76,6 +76,34 @@ def test_encoder_matches_the_packed_model(exported, lengths):
     assert abs_err < 1e-4 and rel_err < 1e-5, (abs_err, rel_err)
 
 
+def test_stacking_encoder_matches_the_packed_model():
+    """A model with ``subsampling="stacking"`` (4x, xscaling) exports too: the exported encoder
+    program against the packed model, on lengths unlike the example batch's, 1 to 9 frames
+    (one not a multiple of the factor) included."""
+    from speedasr.export import export_programs
+    from speedasr.models.aed import AEDModel, ModelConfig
+
+    torch.manual_seed(3)
+    model = AEDModel(ModelConfig(
+        vocab_size=40, pad_id=0, n_mels=16, d_model=32, encoder_layers=1, encoder_heads=2,
+        decoder_layers=1, dropout=0.0, attention_backend="torch", ctc_weight=0.3,
+        subsampling="stacking", subsampling_factor=4, xscaling=True,
+    )).eval()  # fmt: skip
+    encoder = export_programs(model)[0].module()
+    for lengths in [(157, 64, 9, 1, 23), (9,), (42, 301)]:
+        feats = features(lengths, model.cfg.n_mels, seed=len(lengths))
+        with torch.no_grad():
+            padded = pad_sequence(feats, batch_first=True)
+            enc, enc_lengths, log_probs = encoder(padded, torch.tensor(lengths))
+            ref, segments = model.encode(torch.cat(feats), Segments.from_lengths(lengths))
+            ref_log_probs = model.ctc_log_probs(ref)
+        assert enc_lengths.tolist() == list(segments.lengths) == [-(-n // 4) for n in lengths]
+        abs_err, rel_err = errors(segments.unpad(enc), ref)
+        assert abs_err < 1e-4 and rel_err < 1e-5, (lengths, abs_err, rel_err)
+        abs_err, rel_err = errors(segments.unpad(log_probs), ref_log_probs)
+        assert abs_err < 1e-4 and rel_err < 1e-5, (lengths, abs_err, rel_err)
+
+
 def test_decoder_matches_the_packed_model(exported):
     _, _, model, encoder, decoder, _ = exported
     lengths, token_lengths = (157, 64, 9, 23), (6, 4, 9, 5)

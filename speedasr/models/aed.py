@@ -47,10 +47,11 @@ class ModelConfig:
     (``AsrDataset(n_mels=...)``, via the run's data module) and inference (the checkpoint's
     config) extract exactly this many bins."""
     subsampling: Literal["dw_striding", "stacking"] = "dw_striding"
-    """How input frames become encoder frames: ``dw_striding`` (FastConformer's depthwise-separable
-    stride-2 convolutions, Canary's; NeMo checkpoints use it) or ``stacking`` (``subsampling_factor``
-    frames side by side, then one linear map: a fraction of the cost, and from scratch on little
-    data it learns sooner; docs/training.md)."""
+    """How input frames become encoder frames: ``dw_striding`` (FastConformer's
+    depthwise-separable stride-2 convolutions, Canary's; NeMo checkpoints use it) or ``stacking``
+    (``subsampling_factor`` frames side by side, then one linear map: a fraction of the cost, and
+    from scratch on little data it learns sooner; docs/training.md). ``export-nemo`` refuses
+    ``stacking`` (NeMo has no such subsampling)."""
     subsampling_channels: int = 32
     """Channels of the convolutional subsampling (Canary: 256; 16-64 on CPU; unused by
     ``stacking``)."""
@@ -175,7 +176,7 @@ class ModelConfig:
             (self.conv_kernel % 2 == 1, "conv_kernel must be odd"),
             (
                 self.subsampling in ("dw_striding", "stacking"),
-                "subsampling must be 'dw_striding' or 'stacking'",
+                f"subsampling must be 'dw_striding' or 'stacking', not {self.subsampling!r}",
             ),
             (
                 self.subsampling_factor in SUBSAMPLING_FACTORS,

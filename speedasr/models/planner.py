@@ -12,8 +12,8 @@ softmax are a few % at these sizes and omitted); causal self-attention counted a
 ``L × L`` square (what dense kernels compute); training = 3 × forward. Per utterance of ``T``
 feature frames (``T' = ceil(T/8)`` encoder frames) and ``L`` decoder tokens (prompt included):
 
-- encoder: subsampling convolutions + ``layers × T' × (FFN×2 + QKV/out + conv module)`` matmuls
-  + attention ``layers × 2·T'²·d``;
+- encoder: subsampling (convolutions, or stacking's one linear map) + ``layers × T' × (FFN×2 +
+  QKV/out + conv module)`` matmuls + attention ``layers × 2·T'²·d``;
 - decoder: ``layers × L × (self QKV/out + cross Q/out + FFN)`` + cross K/V of the ``T'`` frames
   per layer + output layer ``L·d·V`` + attention ``layers × 2·(L² + L·T')·d``.
 

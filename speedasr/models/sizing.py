@@ -146,6 +146,8 @@ def _linear(n_in: int, n_out: int) -> int:
 
 
 def subsampling_params(cfg: ModelConfig) -> int:
+    if cfg.subsampling == "stacking":  # one Linear(factor * n_mels -> d_model)
+        return _linear(cfg.subsampling_factor * cfg.n_mels, cfg.d_model)
     c, freq, stages = cfg.subsampling_channels, cfg.n_mels, cfg.subsampling_stages
     for _ in range(stages):
         freq = (freq + 1) // 2
@@ -197,7 +199,8 @@ class FlopCount:
     """Forward FLOPs of one utterance, by part (2 per multiply-add)."""
 
     encoder_dense: int
-    """Subsampling convolutions and all encoder matmuls except attention scores."""
+    """Subsampling (convolutions, or stacking's one linear map) and all encoder matmuls except
+    attention scores."""
     encoder_attention: int
     """Encoder ``QKᵀ`` and ``PV`` (quadratic in encoder frames)."""
     decoder_dense: int
@@ -221,12 +224,15 @@ class FlopCount:
 def count_flops(cfg: ModelConfig, frames: int, tokens: int) -> FlopCount:
     """Forward FLOPs of one utterance of ``frames`` input frames and ``tokens`` decoder tokens."""
     c, d, k = cfg.subsampling_channels, cfg.d_model, cfg.conv_kernel
-    t, freq, sub = frames, cfg.n_mels, 0
-    for stage in range(cfg.subsampling_stages):
-        t, freq = (t + 1) // 2, (freq + 1) // 2
-        sub += t * freq * c * 9 if stage == 0 else t * freq * (c * 9 + c * c)
-    sub += t * c * freq * d
     te = cfg.encoder_length(frames)
+    if cfg.subsampling == "stacking":  # one matmul: (T', factor * n_mels) x (factor * n_mels, D)
+        sub = te * cfg.subsampling_factor * cfg.n_mels * d
+    else:
+        t, freq, sub = frames, cfg.n_mels, 0
+        for stage in range(cfg.subsampling_stages):
+            t, freq = (t + 1) // 2, (freq + 1) // 2
+            sub += t * freq * c * 9 if stage == 0 else t * freq * (c * 9 + c * c)
+        sub += t * c * freq * d
     ff = cfg.ff_mult * d
     enc_per_frame = 2 * (2 * d * ff) + 4 * d * d + (2 * d * d + k * d + d * d)
     dd, fd, v, n = cfg.dec_d_model, cfg.ff_mult * cfg.dec_d_model, cfg.vocab_size, tokens

@@ -93,6 +93,12 @@ def export_nemo(ckpt_path: str | Path, out_path: str | Path, overwrite: bool = F
     out = Path(out_path)
     check_out_file(out, overwrite)  # before the checkpoint is read: it may be gigabytes
     model, ckpt = load_imported(ckpt_path)
+    if model.cfg.subsampling != "dw_striding":
+        raise UserError(
+            f"checkpoint '{ckpt_path}' has model.subsampling={model.cfg.subsampling!r}: NeMo's "
+            "Canary has only dw_striding (FastConformer) subsampling, so export-nemo cannot "
+            "write it"
+        )
     nemo = ckpt.get("nemo")
     if not isinstance(nemo, dict) or "config" not in nemo or "files" not in nemo:
         raise UserError(

@@ -126,6 +126,7 @@ def model_config(archive: NemoArchive, vocab_size: int, pad_id: int) -> ModelCon
     channels = enc.get("subsampling_conv_channels", -1)
     return ModelConfig(
         vocab_size=vocab_size, pad_id=pad_id, n_mels=int(pre.get("features", 64)),
+        subsampling="dw_striding",
         subsampling_channels=d_model if channels in (None, -1) else int(channels),
         d_model=d_model, encoder_layers=int(enc["n_layers"]), encoder_heads=int(enc["n_heads"]),
         conv_kernel=int(enc.get("conv_kernel_size", 31)), block_out_norm=True,

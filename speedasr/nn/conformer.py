@@ -113,24 +113,33 @@ class ConvSubsampling(nn.Module):
     def forward_padded(
         self, x: torch.Tensor, segments: Segments
     ) -> tuple[torch.Tensor, Segments, int]:
-        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``.
-
-        Frames past each utterance's length are zeroed before every stage, so they act as the conv
-        padding the utterance would see alone.
-        """
+        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``
+        (``forward_lengths`` with the host lengths of ``segments``)."""
         lengths = list(segments.lengths)
         device = x.device
         if x.shape[1] == 0:  # all utterances empty: nothing to convolve
             empty = Segments.from_lengths([0] * x.shape[0], device)
             return x.new_zeros(x.shape[0], 0, self.out.out_features), empty, 0
+        y, _ = self.forward_lengths(x, torch.tensor(lengths, device=device))
+        out_segments = Segments.from_lengths(
+            [encoder_length(n, self.stages) for n in lengths], device
+        )
+        return y, out_segments, y.shape[1]
+
+    def forward_lengths(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x: (B, T >= 1, n_mels)``, ``lengths: (B,)`` int64 -> ``(B, T', d_model)`` and the
+        ``(B,)`` encoder lengths. Frames past each stage's lengths are zeroed before every stage,
+        so they act as the conv padding the utterance would see alone. No host int is read:
+        ``speedasr.export`` traces this with dynamic lengths."""
         h = x[:, None]  # (B, 1, T, F)
         for conv in self.convs:
-            h = h * _time_mask(lengths, h.shape[2], device, h.dtype)[:, None, :, None]
+            time = torch.arange(h.shape[2], device=h.device)
+            h = h * (time[None] < lengths[:, None]).to(h.dtype)[:, None, :, None]
             h = F.relu(conv(h))
-            lengths = [encoder_length(n, num_stages=1) for n in lengths]
-        out_segments = Segments.from_lengths(lengths, device)
-        y = self.out(h.transpose(1, 2).flatten(2))  # (B, T', C*F')
-        return y, out_segments, h.shape[2]
+            lengths = encoder_length(lengths, num_stages=1)
+        return self.out(h.transpose(1, 2).flatten(2)), lengths  # (B, T', C*F') -> (B, T', D)
 
 
 class StackingSubsampling(nn.Module):
@@ -167,23 +176,29 @@ class StackingSubsampling(nn.Module):
     def forward_padded(
         self, x: torch.Tensor, segments: Segments
     ) -> tuple[torch.Tensor, Segments, int]:
-        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``.
-        Frames past each utterance's length are zeroed first, as if it were alone."""
+        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``
+        (``forward_lengths`` with the host lengths of ``segments``)."""
         lengths = list(segments.lengths)
+        y, _ = self.forward_lengths(x, torch.tensor(lengths, device=x.device))
         out_segments = Segments.from_lengths(
             [encoder_length(n, self.stages) for n in lengths], x.device
         )
+        return y, out_segments, y.shape[1]
+
+    def forward_lengths(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x: (B, T, n_mels)``, ``lengths: (B,)`` int64 -> ``(B, ceil(T / factor), d_model)``
+        and the ``(B,)`` encoder lengths. Frames past each length are replaced by zeros first (a
+        select, not a product: whatever the padding holds, even NaN, stays out), as if each
+        utterance were alone. No host int is read: ``speedasr.export`` traces this."""
         batch, frames, n_mels = x.shape
-        out_length = -(-frames // self.factor)
-        x = x * _time_mask(lengths, frames, x.device, x.dtype)[:, :, None]
-        x = F.pad(x, (0, 0, 0, out_length * self.factor - frames))
-        y = self.out(x.reshape(batch, out_length, self.factor * n_mels))
-        return y, out_segments, out_length
-
-
-def _time_mask(lengths: list[int], t: int, device, dtype) -> torch.Tensor:
-    lens = torch.tensor(lengths, device=device)
-    return (torch.arange(t, device=device)[None] < lens[:, None]).to(dtype)
+        groups = (frames + self.factor - 1) // self.factor
+        real = torch.arange(frames, device=x.device)[None] < lengths[:, None]
+        x = torch.where(real[:, :, None], x, x.new_zeros(()))
+        x = F.pad(x, (0, 0, 0, groups * self.factor - frames))
+        y = self.out(x.reshape(batch, groups, self.factor * n_mels))
+        return y, encoder_length(lengths, self.stages)
 
 
 class FeedForward(nn.Module):

@@ -85,17 +85,30 @@ def loss_and_grads(m, batch):
 
 # Absolute positions (token embeddings, encoder output) restart per utterance like rotary ones.
 POSITIONS = [{}, {"absolute_token_positions": True, "absolute_memory_positions": True}]
-SUBSAMPLING = [{"subsampling_factor": 4}, {"subsampling_factor": 16}]
+SUBSAMPLING = [
+    {"subsampling_factor": 4},
+    {"subsampling_factor": 16},
+    {"subsampling": "stacking"},
+    {"subsampling": "stacking", "subsampling_factor": 4},
+    {"subsampling": "stacking", "subsampling_factor": 16},
+]
+IDS = ["rotary", "absolute", "4x", "16x", "stacking-8x", "stacking-4x", "stacking-16x"]
 
 
-@pytest.mark.parametrize(
-    "options", POSITIONS + SUBSAMPLING, ids=["rotary", "absolute", "4x", "16x"]
-)
+def with_junk_padding(batch):
+    """The padded batch with large random feature values (no NaN) past every length."""
+    mask = batch.feature_segments.mask()
+    junk = 100.0 * torch.randn(batch.features.shape, generator=torch.Generator().manual_seed(9))
+    batch.features = torch.where(mask[..., None], batch.features, junk)
+    return batch
+
+
+@pytest.mark.parametrize("options", POSITIONS + SUBSAMPLING, ids=IDS)
 def test_packed_equals_padded(options):
     m = model(**options)
     batch = make_batch(FRAMES, TEXTS, PROMPTS)
     packed, g_packed = loss_and_grads(m, batch)
-    padded_batch = make_batch(FRAMES, TEXTS, PROMPTS).to_padded(pad_id=0)
+    padded_batch = with_junk_padding(make_batch(FRAMES, TEXTS, PROMPTS).to_padded(pad_id=0))
     padded, g_padded = loss_and_grads(m, padded_batch)
     for name in ("loss", "ce_loss", "ctc_loss"):
         close(getattr(packed, name), getattr(padded, name))
@@ -104,9 +117,7 @@ def test_packed_equals_padded(options):
     close_grads(g_packed, g_padded)
 
 
-@pytest.mark.parametrize(
-    "options", POSITIONS + SUBSAMPLING, ids=["rotary", "absolute", "4x", "16x"]
-)
+@pytest.mark.parametrize("options", POSITIONS + SUBSAMPLING, ids=IDS)
 def test_packed_equals_each_utterance_alone(options):
     m = model(**options)
     batch = make_batch(FRAMES, TEXTS, PROMPTS)
@@ -234,6 +245,10 @@ def test_config_round_trip_and_validation():
         config(guided_attention_weight=-1.0)
     with pytest.raises(ValueError, match="subsampling_factor"):
         config(subsampling_factor=2)
+    with pytest.raises(
+        ValueError, match="subsampling must be 'dw_striding' or 'stacking', not 'foo'"
+    ):
+        config(subsampling="foo")
     with pytest.raises(ValueError, match="needs ctc_weight > 0"):
         config(guided_attention="ctc", ctc_weight=0.0)
 
@@ -254,11 +269,12 @@ def test_decoder_width_differs_from_encoder():
     close(a.loss, b.loss)
 
 
+@pytest.mark.parametrize("subsampling", ["dw_striding", "stacking"])
 @pytest.mark.parametrize("frames", [[0], [0, 0], [0, 40, 1]])
-def test_utterances_without_frames(frames):
+def test_utterances_without_frames(frames, subsampling):
     # A 0-frame utterance has 0 encoder frames: cross-attention sees no key (zeros, not NaN), its
     # CTC term is 0 (infeasible alignments are zeroed), and packed still equals padded.
-    m = model()
+    m = model(subsampling=subsampling)
     texts, prompts = [[5, 6]] * len(frames), [[2, 3]] * len(frames)
     a = m(make_batch(frames, texts, prompts))
     b = m(make_batch(frames, texts, prompts).to_padded(0))

@@ -20,6 +20,7 @@ from speedasr.models.sizing import (
     count_flops,
     count_parameters,
     preset,
+    subsampling_params,
 )
 from speedasr.nemo.archive import read_nemo
 from speedasr.nemo.import_nemo import tokenizer_state
@@ -46,6 +47,9 @@ CONFIGS = [
     ),  # odd encoder head dim (9): allowed with rel_pos
     ModelConfig(subsampling_factor=4),
     ModelConfig(subsampling_factor=16, n_mels=128),
+    ModelConfig(subsampling="stacking"),
+    ModelConfig(subsampling="stacking", subsampling_factor=4, n_mels=64),
+    ModelConfig(subsampling="stacking", subsampling_factor=16, subsampling_channels=1),
 ]
 
 
@@ -67,13 +71,24 @@ def test_cpu_presets_sizes():
     assert count_parameters(PRESETS["small"]).total > 4 * count_parameters(PRESETS["tiny"]).total
 
 
+def test_stacking_parameters_are_one_linear_map():
+    for factor in (4, 8, 16):
+        cfg = ModelConfig(subsampling="stacking", subsampling_factor=factor)
+        assert subsampling_params(cfg) == factor * cfg.n_mels * cfg.d_model + cfg.d_model
+        with torch.device("meta"):
+            sub = AEDModel(cfg).encoder.subsampling
+        assert subsampling_params(cfg) == sum(p.numel() for p in sub.parameters())
+
+
+@pytest.mark.parametrize("subsampling", ["dw_striding", "stacking"])
 @pytest.mark.parametrize("factor", [4, 8])
-def test_flops_match_torch_flop_counter(factor):
+def test_flops_match_torch_flop_counter(factor, subsampling):
     # One utterance in a padded batch of one: every matmul/conv is real work, nothing is skipped.
     cfg = ModelConfig(
         vocab_size=50, n_mels=24, subsampling_channels=4, d_model=32, encoder_layers=2,
         encoder_heads=2, decoder_layers=2, decoder_d_model=48, decoder_heads=2, dropout=0.0,
         ctc_weight=0.3, attention_backend="torch", subsampling_factor=factor,
+        subsampling=subsampling,
     )  # fmt: skip
     frames, tokens = 203, 11
     torch.manual_seed(0)
@@ -155,6 +170,8 @@ def test_model_info_takes_train_override_syntax(capsys):
         (["--model.tie_embeddings=flase"], "--model.tie_embeddings=flase: expected true or false"),
         (["--model.decoder_heads=x"], "--model.decoder_heads=x: expected an integer or null"),
         (["--model.attention_backend=cuda"], "expected one of auto, torch, triton, flash_attn"),
+        (["--model.subsampling=foo"],
+         "--model.subsampling=foo: expected one of dw_striding, stacking, got 'foo'"),
         (["--model.d_model"], "--model.d_model needs a value"),
     ],
 )  # fmt: skip

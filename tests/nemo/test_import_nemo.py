@@ -350,6 +350,34 @@ def test_import_export_import_is_bit_identical(imported, tmp_path):
         assert torch.equal(second["state_dict"][key], tensor), key
 
 
+def test_import_keeps_dw_striding_and_export_refuses_stacking(imported, tmp_path, capsys):
+    """NeMo has no stacking subsampling: export-nemo of such a model is a one-line error before
+    anything is written, for a checkpoint carrying NeMo's files (an imported model switched to
+    stacking) as for a plain run's."""
+    from dataclasses import asdict, replace
+
+    from speedasr.models.aed import AEDModel
+    from speedasr.testing import write_untrained_checkpoint
+
+    out, model, raw = imported
+    assert model.cfg.subsampling == "dw_striding"
+    cfg = replace(model.cfg, subsampling="stacking")
+    stacked = AEDModel(cfg)
+    switched = tmp_path / "switched.ckpt"
+    torch.save({
+        **raw, "state_dict": {f"model.{k}": v for k, v in stacked.state_dict().items()},
+        "hyper_parameters": {**raw["hyper_parameters"], "model": asdict(cfg)},
+    }, switched)  # fmt: skip
+    plain = write_untrained_checkpoint(tmp_path / "plain", subsampling="stacking")
+    for ckpt in (switched, plain):
+        nemo = tmp_path / "m.nemo"
+        assert main(["export-nemo", str(ckpt), "--out", str(nemo)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"'{ckpt}' has model.subsampling='stacking'" in err and "dw_striding" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "switched.ckpt"]
+
+
 def test_export_needs_an_imported_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "plain.ckpt"
     raw = torch.load(NEMO.parent / "outputs.pt", weights_only=True)  # not a checkpoint at all
