@@ -125,7 +125,7 @@ def imports(repo: Path = REPO) -> list[Import]:
                 if node.level:
                     parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*parts, base] if base else parts)
-                # `from speedasr.data import batch` names the module speedasr.data.batch
+                # `from speedasr.core import batch` names the module speedasr.core.batch
                 targets = [
                     f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names
                 ]

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-# speedasr.data.sentences imports only the standard library, so the NeMo venv can use it for text.
+# speedasr.prep.sentences imports only the standard library, so the NeMo venv can use it for text.
 sys.path.insert(0, str(REPO))
-from speedasr.data.sentences import SentenceGenerator  # noqa: E402
+from speedasr.prep.sentences import SentenceGenerator  # noqa: E402
 
 SAMPLE_RATE = 16000
 TRANSFORMER = "nemo.collections.asr.modules.transformer"
