@@ -1,6 +1,6 @@
 """speedasr's sampler classes, built by ``speedasr.data.sampling.build_sampler``: lhotse's
 samplers with rejection counts (``Rejections``, every mode), and the 2D sampler whose batches are
-assembled by ``_Bucketer2D`` under a padded or a packed constraint (``speedasr.data.bucketing``,
+assembled by ``_Bucketer2D`` under a padded or a packed constraint (``speedasr.data.constraints``,
 ``speedasr.data.packing``). ``Bucket2DSampler``'s state dict holds the constraint's configuration,
 so ``load_state_dict`` resumes mid-epoch (lhotse 1.33 refuses ``state_dict`` with a custom
 constraint).
