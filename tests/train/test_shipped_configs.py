@@ -21,7 +21,6 @@ import yaml
 
 from speedasr.cli import main
 from speedasr.core.batch import PackedBatch
-from speedasr.core.geometry import encoder_length
 from speedasr.data.tokenizer import Tokenizer
 from speedasr.models.aed import AEDModel, ModelConfig
 from speedasr.models.sizing import PRESETS, count_parameters
@@ -99,7 +98,9 @@ def forward_backward(model_cfg: ModelConfig, batch: PackedBatch) -> None:
     out = model(batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
-    assert out.num_encoder_frames == sum(map(encoder_length, batch.feature_segments.lengths))
+    assert out.num_encoder_frames == sum(
+        map(model_cfg.encoder_length, batch.feature_segments.lengths)
+    )
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.encoder.subsampling.out.weight.grad.abs().sum() > 0
 
@@ -118,7 +119,7 @@ def check_full_size_on_meta(model_cfg: ModelConfig, batch: PackedBatch, pad_id: 
     padded = batch.to_padded(pad_id).to("meta")
     enc, enc_segments = model.encode_padded(padded.features, padded.feature_segments)
     logits = model.decode_logits(padded.tokens, padded.token_segments, enc, enc_segments)
-    frames = max(map(encoder_length, batch.feature_segments.lengths))
+    frames = max(map(model_cfg.encoder_length, batch.feature_segments.lengths))
     assert enc.shape == (batch.batch_size, frames, model_cfg.d_model)
     tokens = batch.token_segments.max_seqlen
     assert logits.shape == (batch.batch_size, tokens, model_cfg.vocab_size)
