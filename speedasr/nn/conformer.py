@@ -31,7 +31,30 @@ from speedasr.nn.relpos import RelPositionSelfAttention
 from speedasr.nn.rotary import apply_rotary
 
 
-class ConvSubsampling(nn.Module):
+class _Subsampling(nn.Module):
+    """What both subsamplings share: ``stages`` halvings of the frame rate, ``out`` mapping to
+    ``d_model``, and ``forward_lengths`` for padded input."""
+
+    stages: int
+    out: nn.Linear
+
+    def output_segments(self, lengths, device) -> Segments:
+        """The descriptor of the encoder frames of inputs of ``lengths`` frames."""
+        return Segments.from_lengths([encoder_length(n, self.stages) for n in lengths], device)
+
+    def forward_padded(
+        self, x: torch.Tensor, segments: Segments
+    ) -> tuple[torch.Tensor, Segments, int]:
+        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``
+        (``forward_lengths`` with the host lengths of ``segments``)."""
+        if x.shape[1] == 0:  # all utterances empty: nothing to convolve
+            empty = Segments.from_lengths([0] * x.shape[0], x.device)
+            return x.new_zeros(x.shape[0], 0, self.out.out_features), empty, 0
+        y, _ = self.forward_lengths(x, torch.tensor(segments.lengths, device=x.device))
+        return y, self.output_segments(segments.lengths, x.device), y.shape[1]
+
+
+class ConvSubsampling(_Subsampling):
     """FastConformer subsampling: ``(frames, n_mels) -> (ceil(frames / factor), d_model)``.
 
     conv2d(1→C, 3×3, s2) + ReLU, then ``stages - 1`` times [depthwise conv2d(C, 3×3, s2) +
@@ -110,22 +133,6 @@ class ConvSubsampling(nn.Module):
         rows = h[0].transpose(0, 1).index_select(0, index)  # (ΣT', C, F')
         return self.out(rows.flatten(1)), stage_segments
 
-    def forward_padded(
-        self, x: torch.Tensor, segments: Segments
-    ) -> tuple[torch.Tensor, Segments, int]:
-        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``
-        (``forward_lengths`` with the host lengths of ``segments``)."""
-        lengths = list(segments.lengths)
-        device = x.device
-        if x.shape[1] == 0:  # all utterances empty: nothing to convolve
-            empty = Segments.from_lengths([0] * x.shape[0], device)
-            return x.new_zeros(x.shape[0], 0, self.out.out_features), empty, 0
-        y, _ = self.forward_lengths(x, torch.tensor(lengths, device=device))
-        out_segments = Segments.from_lengths(
-            [encoder_length(n, self.stages) for n in lengths], device
-        )
-        return y, out_segments, y.shape[1]
-
     def forward_lengths(
         self, x: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +149,7 @@ class ConvSubsampling(nn.Module):
         return self.out(h.transpose(1, 2).flatten(2)), lengths  # (B, T', C*F') -> (B, T', D)
 
 
-class StackingSubsampling(nn.Module):
+class StackingSubsampling(_Subsampling):
     """Frame stacking: ``(frames, n_mels) -> (ceil(frames / factor), d_model)``.
 
     Each output frame is a linear map of ``factor`` consecutive input frames laid side by side
@@ -163,27 +170,13 @@ class StackingSubsampling(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, Segments]:
         """``x: (ΣT, n_mels)`` -> ``(ΣT', d_model)`` and the descriptor of the T' frames."""
-        out_segments = Segments.from_lengths(
-            [encoder_length(n, self.stages) for n in segments.lengths], x.device
-        )
+        out_segments = self.output_segments(segments.lengths, x.device)
         starts = out_segments.cu_seqlens[:-1].long()[segments.segment_ids]
         group = starts + segments.positions // self.factor
         slot = segments.positions % self.factor
         stacked = x.new_zeros(out_segments.total, self.factor, x.shape[1])
         stacked[group, slot] = x
         return self.out(stacked.flatten(1)), out_segments
-
-    def forward_padded(
-        self, x: torch.Tensor, segments: Segments
-    ) -> tuple[torch.Tensor, Segments, int]:
-        """``x: (B, T, n_mels)`` -> ``(B, T', d_model)``, the T'-frame descriptor and ``T'``
-        (``forward_lengths`` with the host lengths of ``segments``)."""
-        lengths = list(segments.lengths)
-        y, _ = self.forward_lengths(x, torch.tensor(lengths, device=x.device))
-        out_segments = Segments.from_lengths(
-            [encoder_length(n, self.stages) for n in lengths], x.device
-        )
-        return y, out_segments, y.shape[1]
 
     def forward_lengths(
         self, x: torch.Tensor, lengths: torch.Tensor
