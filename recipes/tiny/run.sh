@@ -10,6 +10,8 @@ cd "$(dirname "$0")/../.."
 
 CONFIG=${1:-recipes/tiny/demo.yaml}
 shift || true
+[ -f "$CONFIG" ] || { echo "run.sh: config $CONFIG: no such file" >&2; exit 2; }
+command -v speedasr >/dev/null || { echo "run.sh: speedasr is not on PATH (make demo sets it up)" >&2; exit 2; }
 NAME=$(basename "$CONFIG" .yaml)
 # BPE 512 at 8x subsampling (12.5 encoder frames/s): this fast eSpeak speech needs ~0.5 tokens per
 # frame; BPE 256 needs ~0.7 and some utterances cannot be CTC-aligned. The demo's 4x (25 frames/s)
